@@ -1,0 +1,3 @@
+from byot_edge.cli import main
+
+main()

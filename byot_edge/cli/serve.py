@@ -1,0 +1,1 @@
+"""Commands of this area register on `byot_edge.cli.app.app` here."""

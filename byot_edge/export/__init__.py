@@ -1,0 +1,1 @@
+"""Export: truncated exits and cascade segments to ONNX and TensorRT, and the manifest."""

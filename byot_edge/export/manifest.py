@@ -1,0 +1,218 @@
+"""The manifest: the one file the runtime needs to serve an exported model.
+
+`manifest.json` sits beside the exported files; paths in it are relative to its folder.
+It is validated against `manifest.schema.json` on load and on save, and every file is
+checked against its sha256 before a backend loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from byot_edge.errors import ByotError
+from byot_edge.fileio import atomic_write_json, sha256_file
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Keys of `ExitEntry.files`. A truncated file maps the input image to exit k's logits; a
+# segment file maps section k-1's output to (section k's output, exit k's logits).
+TRUNCATED_ONNX = "onnx"
+SEGMENT_ONNX = "segment_onnx"
+TRUNCATED_TRT = "trt"
+SEGMENT_TRT = "segment_trt"
+FILE_KINDS = (TRUNCATED_ONNX, SEGMENT_ONNX, TRUNCATED_TRT, SEGMENT_TRT)
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int | str]  # a str is a dynamic axis, e.g. "batch"
+    dtype: str = "float32"
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the manifest's folder
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # Engines only: tensorrt version, gpu name, compute capability, precision, batch range...
+    engine: dict[str, Any] | None = None
+
+
+@dataclass
+class ExitEntry:
+    index: int  # 1..K, K the deepest
+    stage: str
+    channels: int
+    stride: int
+    flops: int
+    params: int
+    val_accuracy: float | None = None
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+
+@dataclass
+class InputSpec:
+    shape: list[int]  # [C, H, W]
+    dtype: str = "float32"
+    layout: str = "NCHW"
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class Thresholds:
+    """Per-exit confidence thresholds for exits 1..K-1 (exit K always answers)."""
+
+    criterion: str  # "max_softmax" | "entropy" | "margin"
+    values: list[float]
+    temperatures: list[float] | None = None
+    source: str = ""  # what they were calibrated on
+    expected: dict[str, float] = field(default_factory=dict)  # accuracy, cost... at calibration
+
+
+@dataclass
+class LatencyProfile:
+    backend: str
+    device: str
+    batch: int
+    # per exit (index order 1..K): {"exit": k, "truncated": {p50,p90,p99,mean}, "segment": {...}}
+    exits: list[dict[str, Any]]
+    created: str = ""
+
+
+@dataclass
+class Manifest:
+    model: dict[str, Any]  # ModelConfig as a dict: arch, num_classes, in_chans, ...
+    class_names: list[str]
+    input: InputSpec
+    exits: list[ExitEntry]
+    dataset: str = ""
+    # The network's weights (state dict + model config), for the PyTorch backend.
+    weights: FileEntry | None = None
+    thresholds: Thresholds | None = None
+    latency_profiles: list[LatencyProfile] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+    root: Path = field(default=Path("."), repr=False, compare=False)  # not serialised
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    def exit(self, k: int) -> ExitEntry:
+        if not 1 <= k <= self.num_exits:
+            raise ByotError(f"exit {k} does not exist: this model has exits 1..{self.num_exits}")
+        return self.exits[k - 1]
+
+    def file_path(self, k: int, kind: str, verify: bool = True) -> Path:
+        """Absolute path of exit k's file of `kind`, checked against its sha256."""
+        entry = self.exit(k).files.get(kind)
+        if entry is None:
+            raise ByotError(f"the manifest in {self.root} has no {kind!r} file for exit {k}; "
+                            f"re-export with `byot-edge export CHECKPOINT --out {self.root}`"
+                            + (" --segments" if kind.startswith("segment") else "")
+                            + (" --format trt" if kind.endswith("trt") else ""))
+        path = self.root / entry.path
+        if verify:
+            verify_file(path, entry.sha256, k)
+        return path
+
+    def weights_path(self, verify: bool = True) -> Path:
+        if self.weights is None:
+            raise ByotError(f"the manifest in {self.root} has no weights file for the torch "
+                            "backend; re-export with `byot-edge export CHECKPOINT --out "
+                            f"{self.root}`, or use --backend onnxruntime")
+        path = self.root / self.weights.path
+        if verify:
+            verify_file(path, self.weights.sha256)
+        return path
+
+    def latency_profile(self, backend: str, batch: int | None = None) -> LatencyProfile | None:
+        """The newest profile for `backend` (and `batch`, if given; else the smallest batch)."""
+        found = [p for p in self.latency_profiles
+                 if p.backend == backend and (batch is None or p.batch == batch)]
+        if not found:
+            return None
+        return sorted(found, key=lambda p: (p.batch, p.created))[0 if batch is None else -1]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("root")
+        return {"version": d.pop("version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], root: Path = Path(".")) -> Manifest:
+        def file_entry(f: dict[str, Any]) -> FileEntry:
+            return FileEntry(f["path"], f["sha256"], [TensorSpec(**t) for t in f["inputs"]],
+                             [TensorSpec(**t) for t in f["outputs"]], f.get("engine"))
+
+        exits = [ExitEntry(**{**e, "files": {k: file_entry(v) for k, v in e["files"].items()}})
+                 for e in d["exits"]]
+        th = d.get("thresholds")
+        weights = d.get("weights")
+        return cls(
+            model=d["model"], class_names=d["class_names"], input=InputSpec(**d["input"]),
+            exits=exits, dataset=d.get("dataset", ""),
+            weights=file_entry(weights) if weights else None,
+            thresholds=Thresholds(**th) if th else None,
+            latency_profiles=[LatencyProfile(**p) for p in d.get("latency_profiles", [])],
+            version=d["version"], root=root,
+        )
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path else self.root / MANIFEST_NAME
+        d = self.to_dict()
+        validate_manifest_dict(d, path)
+        return atomic_write_json(path, d)
+
+
+def schema() -> dict[str, Any]:
+    text = resources.files("byot_edge.export").joinpath("manifest.schema.json").read_text()
+    return json.loads(text)
+
+
+def validate_manifest_dict(d: dict[str, Any], where: str | Path = "manifest") -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(d, schema())
+    except jsonschema.ValidationError as e:
+        at = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ByotError(f"{where} is not a valid byot-edge manifest: at {at}: {e.message}; "
+                        "re-export it with `byot-edge export`") from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load and validate `manifest.json` (or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise ByotError(f"no manifest at {path}; export a model first with "
+                        "`byot-edge export CHECKPOINT --out DIR` and pass DIR/manifest.json")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ByotError(f"{path} is not valid JSON ({e}); re-export with `byot-edge export`") from None
+    if isinstance(d, dict) and isinstance(d.get("version"), int) and d["version"] > MANIFEST_VERSION:
+        raise ByotError(f"{path} has manifest version {d['version']}, newer than this byot-edge "
+                        f"reads ({MANIFEST_VERSION}); upgrade byot-edge")
+    validate_manifest_dict(d, path)
+    return Manifest.from_dict(d, root=path.parent)
+
+
+def verify_file(path: Path, sha256: str, k: int | None = None) -> None:
+    which = f" (exit {k})" if k else ""
+    if not path.is_file():
+        raise ByotError(f"{path}{which} is listed in the manifest but missing; re-export it with "
+                        "`byot-edge export`")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ByotError(f"{path}{which} does not match the manifest's sha256 (it was changed or "
+                        "replaced after export); re-export it with `byot-edge export`")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the whole test suite (CPU only; about 5 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# Real data for the training tests: Debian's Fashion-MNIST where apt is usable; otherwise the
+# tests fall back to the CIFAR-10 (JPEG q75) slice from ../shared.
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+    || echo "could not install dataset-fashion-mnist; tests use the CIFAR-10 slice"
+fi
+.venv/bin/ruff check byot_edge tests benchmarks
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # see byot_edge/__init__.py
+exec .venv/bin/python -m pytest "$@"

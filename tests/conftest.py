@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny untrained checkpoints that every part of the toolkit can consume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from byot_edge.checkpoint import save_checkpoint
+from byot_edge.models import create_model
+
+
+def make_checkpoint(
+    path: Path,
+    arch: str = "resnet18",
+    *,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    input_size: int = 32,
+    width: float = 0.125,
+    seed: int = 0,
+) -> Path:
+    """An untrained (randomly initialised, BN statistics perturbed) checkpoint."""
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans,
+                         input_size=input_size, width=width)
+    # Non-trivial BN statistics, so an export that mishandles eval-mode BN fails the checks.
+    with torch.no_grad():
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, in_chans, input_size, input_size))
+    model.eval()
+    state = {
+        "model_config": asdict(model.config),
+        "data": {
+            "dataset": "synthetic",
+            "in_chans": in_chans,
+            "input_size": input_size,
+            "mean": [0.5] * in_chans,
+            "std": [0.25] * in_chans,
+            "class_names": [f"class{i}" for i in range(num_classes)],
+        },
+        "train_config": {"method": "byot"},
+        "epoch": 1,
+        "model": model.state_dict(),
+        "metrics": {"val_accuracy": [0.1] * model.num_exits},
+    }
+    return save_checkpoint(path, state)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "tiny.pt")
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real CIFAR-10 (JPEG q75) images from ../shared, unpacked to the CIFAR python layout:
+    5000 train and 1000 test images."""
+    import subprocess
+    import sys
+
+    unpack = SHARED_CIFAR / "unpack.py"
+    if not unpack.is_file():
+        pytest.skip(f"the shared CIFAR-10 data is not at {SHARED_CIFAR}")
+    out = tmp_path_factory.mktemp("cifar10")
+    subprocess.run([sys.executable, str(unpack), str(out), "--format", "cifar", "--limit", "5000"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_data(cifar_slice: Path) -> tuple[str, Path]:
+    """(dataset, folder) of a real dataset: Fashion-MNIST from Debian's package where it is
+    installed (the test script installs it), else the CIFAR-10 slice."""
+    if (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
+        return "fashion-mnist", FASHION_DIR
+    return "cifar10", cifar_slice

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byot_edge.data import (
+    Batches,
+    _random_crop,
+    dataset_info,
+    load_arrays,
+    synthetic_arrays,
+    train_val_split,
+)
+from byot_edge.errors import ByotError
+
+
+def _write_idx(path, array, compress=True):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(
+        struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def test_idx_files_gzipped_or_not(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (6, 28, 28))
+    labels = np.arange(6) % 10
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", labels, compress=False)
+    a = load_arrays("mnist", tmp_path, "train")
+    assert a.images.shape == (6, 1, 28, 28) and a.images.dtype == np.uint8
+    np.testing.assert_array_equal(a.images[:, 0], images)
+    np.testing.assert_array_equal(a.labels, labels)
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((4, 28, 28)), compress=False)
+    raw = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:-100])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4), compress=False)
+    with pytest.raises(ByotError, match="truncated"):
+        load_arrays("fashion-mnist", tmp_path, "test")
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(ByotError, match=r"does not exist.*apt-get install dataset-fashion-mnist"):
+        load_arrays("fashion-mnist", tmp_path / "nope", "train")
+    with pytest.raises(ByotError, match="no cifar-10-batches-py"):
+        load_arrays("cifar10", tmp_path, "train")
+    with pytest.raises(ByotError, match="--data-dir is required"):
+        load_arrays("cifar10", None, "train")
+    with pytest.raises(ByotError, match="unknown dataset 'svhn'"):
+        load_arrays("svhn", tmp_path, "train")
+
+
+def test_cifar_slice_loads(cifar_slice):
+    train = load_arrays("cifar10", cifar_slice, "train")
+    test = load_arrays("cifar10", cifar_slice, "test")
+    assert train.images.shape == (5000, 3, 32, 32) and test.images.shape == (1000, 3, 32, 32)
+    assert train.class_names[0] == "airplane" and set(np.unique(train.labels)) == set(range(10))
+
+
+def test_corrupt_cifar_batch(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    (base / "batches.meta").write_bytes(b"not a pickle")
+    with pytest.raises(ByotError, match="not a readable CIFAR batch"):
+        load_arrays("cifar10", tmp_path, "test")
+
+
+def test_imagefolder_skips_stray_files(tmp_path):
+    for split in ("train", "test"):
+        for c, colour in (("cat", 0), ("dog", 255)):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 30), (colour, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+        (tmp_path / split / "cat" / "README.txt").write_text("not an image")
+    a = load_arrays("imagefolder", tmp_path, "train", image_size=16)
+    assert a.images.shape == (6, 3, 16, 16) and a.class_names == ["cat", "dog"]
+    assert a.images[a.labels == 1, 0].min() == 255
+
+
+def test_val_split_is_disjoint_and_reproducible():
+    tr, va = train_val_split(1000, 0.1, seed=3)
+    assert len(va) == 100 and len(tr) == 900 and not set(tr) & set(va)
+    _, va2 = train_val_split(1000, 0.1, seed=3)
+    np.testing.assert_array_equal(va, va2)
+    with pytest.raises(ByotError):
+        train_val_split(10, 1.0, 0)
+
+
+def test_random_crop_shifts_each_image_by_its_own_offset():
+    x = torch.arange(1, 33, dtype=torch.uint8).view(2, 1, 4, 4)
+    out = _random_crop(x, 1, torch.tensor([1, 0]), torch.tensor([1, 2]))
+    torch.testing.assert_close(out[0], x[0])  # offset (1, 1) is the identity
+    # offset (0, 2): one zero row on top, shifted left by one with a zero column on the right
+    expected = torch.zeros(4, 4, dtype=torch.uint8)
+    expected[1:, :3] = x[1, 0, :3, 1:]
+    torch.testing.assert_close(out[1, 0], expected)
+
+
+def test_batches_train_and_eval():
+    a = synthetic_arrays(100)
+    info = dataset_info("synthetic")
+    imgs, labels = torch.from_numpy(a.images), torch.from_numpy(a.labels)
+    train = Batches(imgs, labels, info, batch_size=32, train=True,
+                    generator=torch.Generator().manual_seed(0), cutout=8)
+    batches = list(train)
+    assert len(batches) == len(train) == 3  # the ragged last batch is dropped in training
+    assert batches[0][0].dtype == torch.float32 and batches[0][0].shape == (32, 3, 32, 32)
+    evaluation = list(Batches(imgs, labels, info, batch_size=32, train=False))
+    assert sum(len(y) for _, y in evaluation) == 100
+    torch.testing.assert_close(torch.cat([y for _, y in evaluation]), labels)

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from byot_edge.checkpoint import load_checkpoint, load_model
+from byot_edge.data import dataset_info, load_arrays
+from byot_edge.errors import ByotError
+from byot_edge.evaluate import evaluate
+from byot_edge.train import Diverged, config_from_recipe, train
+
+
+def _synthetic_cfg(out: Path, **kw):
+    base = dict(arch="resnet18", dataset="synthetic", out=str(out), width=0.125, epochs=2,
+                batch_size=64, max_train_samples=512, log_every=4, val_split=0.1)
+    return config_from_recipe("quick", **{**base, **kw})
+
+
+@pytest.mark.slow
+def test_few_hundred_steps_on_real_data_beat_chance_at_every_exit(real_data, tmp_path):
+    dataset, folder = real_data
+    cfg = config_from_recipe("quick", arch="resnet18", dataset=dataset, data_dir=str(folder),
+                             out=str(tmp_path / "run"), width=0.125, epochs=2, batch_size=64,
+                             max_train_samples=9600, val_split=0.05, lr=0.05)
+    run = train(cfg)  # 2 epochs x 150 steps
+    model, state = load_model(run / "best.pt")
+    test = load_arrays(dataset, folder, "test")
+    sel = np.arange(min(2000, len(test.labels)))
+    result = evaluate(model, test.subset(sel), dataset_info(dataset), split="test")
+    accs = [r.top1 for r in result.rows]
+    # chance is 10%; a wide margin on every exit and the ensemble
+    floor = 0.6 if dataset == "fashion-mnist" else 0.25
+    assert min(accs) > floor, accs
+    assert state["metrics"]["val_source"] == "val"
+
+
+class _StopAfterFirstEpoch:
+    """A reporter that interrupts the run once epoch 1's checkpoint is written (a crash)."""
+
+    def start_epoch(self, *args):
+        pass
+
+    def update(self, *args):
+        pass
+
+    def end_epoch(self, log):
+        raise KeyboardInterrupt
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(_synthetic_cfg(tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):
+        train(_synthetic_cfg(tmp_path / "b"), reporter=_StopAfterFirstEpoch())
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    resumed = train(_synthetic_cfg(tmp_path / "b"), resume=tmp_path / "b" / "last.pt")
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert a["metrics"] == b["metrics"]
+    logs = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in logs] == [1, 2]
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import byot_edge.train as train_module
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_synthetic_cfg(run), reporter=_StopAfterFirstEpoch())
+    good = load_checkpoint(run / "last.pt")
+    real_loss = train_module.multi_exit_loss
+
+    def nan_loss(outputs, targets, cfg):
+        loss, parts = real_loss(outputs, targets, cfg)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(train_module, "multi_exit_loss", nan_loss)
+    with pytest.raises(Diverged, match=r"diverged in epoch 2.*last\.pt \(epoch 1\)"):
+        train(_synthetic_cfg(tmp_path / "run", epochs=2), resume=run / "last.pt")
+    kept = load_checkpoint(run / "last.pt")
+    assert kept["epoch"] == 1
+    for k in good["model"]:
+        torch.testing.assert_close(kept["model"][k], good["model"][k], rtol=0, atol=0)
+
+
+def test_dsn_and_plain_methods_train(tmp_path):
+    for method in ("dsn", "plain"):
+        run = train(_synthetic_cfg(tmp_path / method, method=method, epochs=1))
+        assert load_checkpoint(run / "last.pt")["train_config"]["method"] == method
+
+
+def test_paper_recipe_schedule():
+    cfg = config_from_recipe("paper")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule) == (250, 128, 0.1, "multistep")
+    assert cfg.milestones == pytest.approx((250 / 3, 500 / 3, 240))
+    with pytest.raises(ByotError, match="quick"):
+        config_from_recipe("fast")
+
+
+def test_too_little_data_for_a_batch(tmp_path):
+    with pytest.raises(ByotError, match="no full batch"):
+        train(_synthetic_cfg(tmp_path / "x", max_train_samples=10))
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "-m", "byot_edge.cli", "train", "--dataset", "synthetic", "--width", "0.125",
+           "--epochs", "1", "--batch-size", "64", "--max-train-samples", "512", "--threads", "1",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("checkpoints:") == 1  # only rank 0 reports and writes
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and state["train_config"]["batch_size"] == 64
