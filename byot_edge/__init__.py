@@ -9,7 +9,7 @@ import os
 # setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from byot_edge.errors import ByotError  # noqa: E402
+from byot_edge.errors import ByotError
 
 __version__ = "0.1.0"
 __all__ = ["ByotError", "__version__"]

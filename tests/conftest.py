@@ -21,6 +21,7 @@ def make_checkpoint(
     input_size: int = 32,
     width: float = 0.125,
     seed: int = 0,
+    dataset: str = "synthetic",
 ) -> Path:
     """An untrained (randomly initialised, BN statistics perturbed) checkpoint."""
     torch.manual_seed(seed)
@@ -35,7 +36,7 @@ def make_checkpoint(
     state = {
         "model_config": asdict(model.config),
         "data": {
-            "dataset": "synthetic",
+            "dataset": dataset,
             "in_chans": in_chans,
             "input_size": input_size,
             "mean": [0.5] * in_chans,

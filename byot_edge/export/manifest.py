@@ -199,8 +199,10 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ByotError(f"{path} is not valid JSON ({e}); re-export with `byot-edge export`") from None
-    if isinstance(d, dict) and isinstance(d.get("version"), int) and d["version"] > MANIFEST_VERSION:
+        raise ByotError(f"{path} is not valid JSON ({e}); re-export with `byot-edge export`"
+                        ) from None
+    version = d.get("version") if isinstance(d, dict) else None
+    if isinstance(version, int) and version > MANIFEST_VERSION:
         raise ByotError(f"{path} has manifest version {d['version']}, newer than this byot-edge "
                         f"reads ({MANIFEST_VERSION}); upgrade byot-edge")
     validate_manifest_dict(d, path)

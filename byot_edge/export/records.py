@@ -1,0 +1,126 @@
+"""Manifest records for an export, and merging them into the manifest a folder already has.
+
+Re-exporting into a folder keeps what other tools wrote there (calibrated thresholds, latency
+profiles) and the files of exits not re-exported now, as long as they come from the same
+network. "Same" means the same weights file hash (weights.pt is written deterministically
+from the state dict and config): files or thresholds made from other weights would silently
+disagree with the new ones, so they are dropped and the caller is told.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from byot_edge.export.manifest import (
+    SEGMENT_ONNX,
+    SEGMENT_TRT,
+    TRUNCATED_ONNX,
+    TRUNCATED_TRT,
+    ExitEntry,
+    FileEntry,
+    InputSpec,
+    Manifest,
+    TensorSpec,
+)
+from byot_edge.models import MultiExitNet
+
+Shape = list[int | str]
+
+
+def tensor_specs(specs: list[tuple[str, Shape]], dtype: str = "float32") -> list[TensorSpec]:
+    return [TensorSpec(name, list(shape), dtype) for name, shape in specs]
+
+
+def input_spec(state: dict[str, Any], model: MultiExitNet) -> InputSpec:
+    data = state.get("data") or {}
+    cfg = model.config
+    c = int(data.get("in_chans", cfg.in_chans))
+    s = int(data.get("input_size", cfg.input_size))
+    return InputSpec([c, s, s], "float32", "NCHW", [float(v) for v in data.get("mean", [0.0])],
+                     [float(v) for v in data.get("std", [1.0])])
+
+
+def class_names(state: dict[str, Any], num_classes: int) -> list[str]:
+    names = (state.get("data") or {}).get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]  # the checkpoint does not know: indices
+
+
+def val_accuracy(state: dict[str, Any], k: int) -> float | None:
+    values = (state.get("metrics") or {}).get("val_accuracy")
+    if not isinstance(values, (list, tuple)) or len(values) < k:
+        return None
+    v = values[k - 1]
+    if not isinstance(v, (int, float)) or v != v:
+        return None
+    # Stored as a fraction by `train`; a percentage (<= 100) is read as one.
+    v = float(v) / 100 if 1 < v <= 100 else float(v)
+    return v if 0 <= v <= 1 else None
+
+
+def exit_entries(state: dict[str, Any], model: MultiExitNet) -> list[ExitEntry]:
+    return [ExitEntry(e.index, e.stage, e.channels, e.stride, e.flops, e.params,
+                      val_accuracy(state, e.index)) for e in model.exits]
+
+
+@dataclass
+class Written:
+    """The files this export wrote: per exit, {file kind: entry}; and the weights."""
+
+    files: dict[int, dict[str, FileEntry]]
+    weights: FileEntry
+
+
+def merge(existing: Manifest | None, fresh: Manifest, written: Written,
+          note: Callable[[str], None] = lambda _: None) -> Manifest:
+    """`fresh` (records from the checkpoint) with this export's files, plus what `existing`
+    holds that still applies."""
+    manifest = fresh
+    manifest.weights = written.weights
+    if existing is not None:
+        same_net = (existing.weights is not None
+                    and existing.weights.sha256 == written.weights.sha256
+                    and existing.model == fresh.model and existing.num_exits == fresh.num_exits)
+        if same_net:
+            for old, new in zip(existing.exits, manifest.exits, strict=True):
+                new.files = dict(old.files)
+            manifest.thresholds = existing.thresholds
+        else:
+            dropped = [f"{f.path}" for e in existing.exits for f in e.files.values()]
+            if dropped:
+                note("the folder held an export of other weights: dropped its entries "
+                     f"({', '.join(dropped)}) from the manifest")
+            if existing.thresholds is not None:
+                note("dropped the calibrated thresholds (they were calibrated on other "
+                     "weights): run calibration again")
+        # Latency depends on the architecture, not on the weights.
+        if existing.model == fresh.model and existing.input.shape == fresh.input.shape:
+            manifest.latency_profiles = existing.latency_profiles
+        elif existing.latency_profiles:
+            note("dropped latency profiles measured on another architecture: profile again")
+    for k, files in written.files.items():
+        entry = manifest.exits[k - 1]
+        entry.files.update(files)
+        _drop_stale_engines(entry, note)
+    return manifest
+
+
+# Each engine stands for one ONNX file (its record names the source's sha256).
+_ENGINE_SOURCE = {TRUNCATED_TRT: TRUNCATED_ONNX, SEGMENT_TRT: SEGMENT_ONNX}
+
+
+def _drop_stale_engines(entry: ExitEntry, note: Callable[[str], None]) -> None:
+    """An engine kept from an earlier export whose ONNX file was re-exported differently
+    (another batch mode or opset) no longer stands for it: drop it from the manifest."""
+    for engine_kind, onnx_kind in _ENGINE_SOURCE.items():
+        engine, source = entry.files.get(engine_kind), entry.files.get(onnx_kind)
+        if engine is None or source is None:
+            continue
+        built_from = (engine.engine or {}).get("source", {}).get("sha256")
+        if built_from != source.sha256:
+            del entry.files[engine_kind]
+            note(f"dropped {engine.path} from the manifest: {source.path} changed since it "
+                 "was built; rebuild it with --format trt")

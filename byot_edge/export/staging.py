@@ -1,0 +1,64 @@
+"""Files written under temp names and renamed together once every check has passed.
+
+An export writes several files and checks each before the command succeeds; a failed check
+(or a crash) must leave no new file under a final name, so nothing is renamed until all are
+written and checked, and every temp file is removed on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+class Staging:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._staged: dict[str, Path] = {}  # final name -> temp path
+
+    def write(self, name: str, write: Callable[[BinaryIO], None]) -> Path:
+        """Write `name` to a temp file beside its final place; returns the temp path."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
+        self._staged[name] = Path(tmp)
+        # mkstemp makes 0600 files; a server running as another user must read these.
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        return Path(tmp)
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        return self.write(name, lambda f: f.write(data))
+
+    def path(self, name: str) -> Path:
+        return self._staged[name]
+
+    def commit(self) -> list[Path]:
+        done = []
+        for name, tmp in self._staged.items():
+            final = self.out_dir / name
+            os.replace(tmp, final)
+            done.append(final)
+        self._staged.clear()
+        return done
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Staging]:
+    """A Staging that discards whatever was not committed when the block exits."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Staging(out_dir)
+    try:
+        yield stage
+    finally:
+        stage.discard()
