@@ -7,6 +7,7 @@ from typing import Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from byot_edge.errors import ByotError
@@ -22,7 +23,9 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except ByotError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: messages hold install hints like byot-edge[tensorrt], not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
 
 

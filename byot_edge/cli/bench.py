@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from byot_edge.cli.app import app, console
@@ -76,7 +77,7 @@ def bench(
                         f"{a.mean_exit:.2f}", " ".join(f"{s:.0%}" for s in a.exit_share))
         console.print(acc)
     for name, why in report.skipped.items():
-        console.print(f"[yellow]skipped {name}:[/] {why}")
+        console.print(f"[yellow]skipped {name}:[/] {escape(why)}")
     if report.power:
         console.print(f"power (tegrastats): {report.power}")
     for path in write_report(report, out):

@@ -1,1 +1,234 @@
-"""Commands of this area register on `byot_edge.cli.app.app` here."""
+"""`byot-edge predict`, `byot-edge calibrate` and `byot-edge profile`: thin wrappers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from byot_edge.cli.app import app, console, err_console
+from byot_edge.errors import ByotError
+
+PREDICT_EXAMPLE = """
+Examples:
+
+  byot-edge predict deploy/manifest.json cat.png dog.jpg --threshold 0.9
+
+  byot-edge predict deploy/manifest.json img*.png --budget-ms 4 --backend onnxruntime
+
+  byot-edge predict deploy/manifest.json img.png --exit 2 --backend torch
+"""
+
+CALIBRATE_EXAMPLE = """
+Examples:
+
+  byot-edge calibrate deploy/manifest.json --logits runs/r18/val_logits.npz --max-drop 0.5 --plot curve.png
+
+  byot-edge calibrate deploy/manifest.json --logits val.npz --flops-budget 150M --criterion entropy --temperature
+
+  byot-edge calibrate deploy/manifest.json --logits val.npz --latency-budget-ms 2.5
+"""
+
+PROFILE_EXAMPLE = """
+Example:
+
+  byot-edge profile deploy/manifest.json --backend onnxruntime --batch 1,8,32
+"""
+
+
+@contextmanager
+def _show_warnings() -> Iterator[None]:
+    """Library warnings become yellow lines on stderr rather than Python's source echo."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                if issubclass(w.category, RuntimeWarning) and str(w.message) not in seen:
+                    seen.add(str(w.message))
+                    err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False,
+                                      soft_wrap=True)
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ByotError(f"{what} takes a number or comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ByotError(f"{what} takes comma-separated integers, got {text!r}") from None
+
+
+def _flops(text: str | None) -> float | None:
+    """150M, 1.2G, 3e8 -> FLOPs."""
+    if text is None:
+        return None
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1.0)
+    try:
+        return float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise ByotError(f"--flops-budget takes FLOPs per sample like 150M, 1.2G or 3e8, got "
+                        f"{text!r}") from None
+
+
+@app.command("predict", epilog=PREDICT_EXAMPLE)
+def predict_command(
+    manifest: Annotated[Path, typer.Argument(help="manifest.json written by `byot-edge export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).")],
+    threshold: Annotated[str | None, typer.Option(
+        help="Confidence threshold for the cascade: one value, or one per exit 1..K-1.")] = None,
+    budget_ms: Annotated[float | None, typer.Option(
+        help="Latency budget: the deepest exit whose profiled latency fits (with --threshold: "
+             "a cascade that stops before overrunning it).")] = None,
+    exit_: Annotated[int | None, typer.Option("--exit", help="Answer from this exit (1..K).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the "
+                                                    "backend's choice).")] = None,
+    criterion: Annotated[str | None, typer.Option(
+        help="max_softmax, entropy or margin (default: the calibrated one).")] = None,
+    stat: Annotated[str, typer.Option(help="Profiled statistic a budget is compared with: "
+                                           "p50, p90, p99 or mean.")] = "p90",
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
+) -> None:
+    """Classify images with the anytime model; without options, the calibrated thresholds."""
+    from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
+    from byot_edge.runtime.preprocess import load_images
+
+    with _show_warnings():
+        model = AnytimeModel.load(manifest, backend=backend, device=device,
+                                  **({"threads": threads} if threads else {}))
+        batch = load_images(images, model.manifest.input)
+        model.warmup()  # the table's ms should not include first-run initialisation
+        thresholds = _floats(threshold, "--threshold")
+        opts = PredictOptions(
+            thresholds[0] if thresholds and len(thresholds) == 1 else thresholds,
+            budget_ms, exit_, criterion, stat)
+        result = model.run(batch, opts)
+    table = Table("image", "class", "confidence", "exit", "ms",
+                  title=f"{result.mode} on {backend} ({model.backend.device})")
+    for path, p in zip(images, result.predictions(model.class_names), strict=True):
+        table.add_row(str(path), p.label, f"{p.confidence:.3f}", str(p.exit), f"{p.latency_ms:.2f}")
+    console.print(table)
+
+
+@app.command("calibrate", epilog=CALIBRATE_EXAMPLE)
+def calibrate_command(
+    manifest: Annotated[Path, typer.Argument(help="manifest.json to write the thresholds into.")],
+    logits: Annotated[Path, typer.Option(
+        help="Validation logits from `byot-edge eval --split val --save-logits` (not test).")],
+    max_drop: Annotated[float | None, typer.Option(
+        help="Accuracy points the cascade may lose against the deepest exit; the least "
+             "expected cost meeting it wins (the default, 0.5).")] = None,
+    flops_budget: Annotated[str | None, typer.Option(
+        help="Expected FLOPs per sample, e.g. 150M: the best accuracy within it.")] = None,
+    latency_budget_ms: Annotated[float | None, typer.Option(
+        help="Expected latency per sample (needs `byot-edge profile`): the best accuracy "
+             "within it.")] = None,
+    criterion: Annotated[str, typer.Option(help="max_softmax, entropy or margin.")
+    ] = "max_softmax",
+    temperature: Annotated[bool, typer.Option(
+        help="Fit a temperature per exit on the logits first.")] = False,
+    backend: Annotated[str | None, typer.Option(
+        help="Whose latency profile gives the costs (default: any; FLOPs without one).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write accuracy vs cost curves to this PNG.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show the choice; leave the manifest alone.")
+    ] = False,
+    rows: Annotated[int, typer.Option(help="Most frontier rows to print.")] = 20,
+) -> None:
+    """Choose per-exit confidence thresholds on validation logits and store them."""
+    from byot_edge.calibrate import calibrate_manifest
+
+    with _show_warnings():
+        cal = calibrate_manifest(
+            manifest, logits, criterion=criterion, temperature=temperature, max_drop=max_drop,
+            flops_budget=_flops(flops_budget), latency_budget_ms=latency_budget_ms,
+            backend=backend, plot=plot, write=not dry_run)
+    lat = cal.chosen.latency_ms is not None
+    table = Table("candidate", "thresholds", "acc %", "Δ pts", "MFLOPs",
+                  *(["ms"] if lat else []), "% at exits", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title=f"{cal.objective}: {len(cal.candidates)} candidates on "
+                        f"{cal.num_samples} samples (frontier, then each exit alone)",
+                  caption=f"criterion {cal.criterion}"
+                          + (f", temperatures {[round(t, 3) for t in cal.temperatures]}"
+                             if cal.temperatures else "")
+                          + (f"; latency: {cal.costs.latency_source}" if lat else ""))
+    for col in table.columns[2:]:
+        col.no_wrap = True
+        col.justify = "right"
+    frontier = cal.frontier()
+    step = max(1, -(-len(frontier) // max(rows, 1)))
+    shown = [c for i, c in enumerate(frontier) if i % step == 0]
+    if cal.chosen not in shown:
+        shown.append(cal.chosen)
+    shown.sort(key=lambda c: c.cost(cal.metric))
+    for c in [*shown, *cal.exits_alone]:
+        chosen = c is cal.chosen
+        table.add_row(("→ " if chosen else "") + c.method,
+                      " ".join("off" if t > 1 else f"{t:.3f}" for t in c.thresholds) or "-",
+                      f"{100 * c.accuracy:.2f}",
+                      f"{100 * (c.accuracy - cal.deepest_accuracy):+.2f}", f"{c.flops / 1e6:.2f}",
+                      *([f"{c.latency_ms:.3f}" if c.latency_ms is not None else "-"] if lat else []),
+                      " ".join(f"{100 * f:.0f}" for f in c.fractions),
+                      style="bold green" if chosen else None)
+    console.print(table)
+    if dry_run:
+        console.print("dry run: the manifest was not changed")
+    else:
+        console.print(f"wrote thresholds {[round(t, 4) for t in cal.chosen.thresholds]} into "
+                      f"{manifest}")
+    if plot:
+        console.print(f"wrote {plot}")
+
+
+@app.command("profile", epilog=PROFILE_EXAMPLE)
+def profile_command(
+    manifest: Annotated[Path, typer.Argument(help="manifest.json to store the profile in.")],
+    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
+    runs: Annotated[int, typer.Option(help="Timed runs per file and batch size.")] = 100,
+    max_seconds: Annotated[float, typer.Option(
+        help="Stop timing one file after this long (at least 5 runs).")] = 10.0,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
+) -> None:
+    """Time every truncated exit and segment (p50/p90/p99) and store it in the manifest."""
+    from byot_edge.export.manifest import load_manifest
+    from byot_edge.runtime.backends import get_backend
+    from byot_edge.runtime.profile import profile_backend, store_profiles
+
+    m = load_manifest(manifest)
+    options = {"threads": threads} if threads else {}
+    with get_backend(backend, m, device=device, **options) as be, console.status("profiling") as status:
+        profiles = profile_backend(be, _ints(batch, "--batch"), warmup=warmup, runs=runs,
+                                   max_seconds=max_seconds,
+                                   progress=lambda s: status.update(f"profiling {s}"))
+    path = store_profiles(m, profiles)
+    for p in profiles:
+        table = Table("exit", "truncated p50", "p90", "p99", "segment p50", "p90", "p99",
+                      title=f"{p.backend} on {p.device}, batch {p.batch} (ms per batch)")
+        for e in p.exits:
+            cells = [f"{e[w][s]:.3f}" if w in e else "-"
+                     for w in ("truncated", "segment") for s in ("p50", "p90", "p99")]
+            table.add_row(str(e["exit"]), *cells)
+        console.print(table)
+    console.print(f"stored {len(profiles)} profile(s) in {path}")

@@ -1,0 +1,309 @@
+"""The anytime model: manifest + backend + policy.
+
+    model = AnytimeModel.load("deploy/manifest.json", backend="onnxruntime")
+    model.predict(batch, threshold=0.9)   # confidence cascade
+    model.predict(batch, budget_ms=4.0)   # deepest exit whose profiled latency fits
+    model.predict(batch, threshold=0.9, budget_ms=4.0)  # cascade with a deadline
+    model.predict(batch, exit=2)          # one fixed exit
+    model.predict(batch)                  # the manifest's calibrated thresholds
+
+The cascade runs segment 1 on the whole batch, answers the samples the policy lets go,
+runs segment 2 on the rest only (the batch is compacted; answers keep the input order),
+and so on. `run` returns arrays and what was run (for servers and benchmarks);
+`predict` returns one `Prediction` per sample.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from byot_edge.errors import ByotError
+from byot_edge.export.manifest import Manifest, load_manifest
+from byot_edge.runtime.backends import EXIT, SEGMENT, Backend, artifact_name, get_backend
+from byot_edge.runtime.policies import (
+    ConfidenceThresholds,
+    Deadline,
+    Policy,
+    Step,
+    deepest_exit_within,
+    softmax,
+)
+from byot_edge.runtime.preprocess import check_batch
+from byot_edge.runtime.profile import (
+    check_stat,
+    exit_latencies,
+    segment_latencies,
+    select_profile,
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int  # class index
+    label: str  # class name
+    confidence: float  # probability of the class (temperature-scaled when calibrated so)
+    exit: int  # 1..K, the exit that answered
+    latency_ms: float  # from the start of the request until this sample was answered
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """One request's choice; at most one of `exit` and (`threshold` and/or `budget_ms`)."""
+
+    threshold: float | Sequence[float] | None = None
+    budget_ms: float | None = None
+    exit: int | None = None
+    criterion: str | None = None  # default: the calibrated one, else max_softmax
+    stat: str = "p90"  # which profiled latency a budget is compared with
+
+    def validate(self, num_exits: int) -> None:
+        if self.exit is not None and (self.threshold is not None or self.budget_ms is not None):
+            raise ByotError("choose either exit, or threshold and/or budget_ms, not both")
+        if self.exit is not None and not 1 <= self.exit <= num_exits:
+            raise ByotError(f"exit {self.exit} does not exist: this model has exits "
+                            f"1..{num_exits} ({num_exits} is the deepest)")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            raise ByotError(f"budget_ms must be a positive number of milliseconds, got "
+                            f"{self.budget_ms}")
+        check_stat(self.stat)
+
+
+@dataclass
+class CascadeResult:
+    indices: np.ndarray  # [N] int64 class indices
+    confidences: np.ndarray  # [N] float32
+    exits: np.ndarray  # [N] int64, 1..K
+    latency_ms: np.ndarray  # [N] float64
+    mode: str  # "exit", "budget", "cascade" or "deadline"
+    calls: list[tuple[str, int]] = field(default_factory=list)  # (artifact, samples), in order
+    warnings: list[str] = field(default_factory=list)
+
+    def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
+        return [
+            Prediction(int(i), class_names[i] if 0 <= i < len(class_names) else str(int(i)),
+                       float(c), int(e), float(t))
+            for i, c, e, t in zip(self.indices, self.confidences, self.exits, self.latency_ms,
+                                  strict=True)
+        ]
+
+
+class AnytimeModel:
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self._warned: set[str] = set()
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
+             **backend_options: Any) -> AnytimeModel:
+        manifest = load_manifest(path)
+        return cls(manifest, get_backend(backend, manifest, device=device, **backend_options))
+
+    @property
+    def num_exits(self) -> int:
+        return self.manifest.num_exits
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest.class_names
+
+    def predict(self, batch: Any, *, threshold: float | Sequence[float] | None = None,
+                budget_ms: float | None = None, exit: int | None = None,
+                criterion: str | None = None, stat: str = "p90") -> list[Prediction]:
+        """One Prediction per sample of `batch` ([N, C, H, W], normalised as the manifest says)."""
+        options = PredictOptions(threshold, budget_ms, exit, criterion, stat)
+        return self.run(batch, options).predictions(self.class_names)
+
+    def run(self, batch: Any, options: PredictOptions | None = None) -> CascadeResult:
+        options = options or PredictOptions()
+        options.validate(self.num_exits)
+        x = check_batch(batch, self.manifest.input)
+        notes: list[str] = []
+        if options.exit is not None:
+            result = self._fixed(x, options.exit, "exit")
+        elif options.budget_ms is not None and options.threshold is None:
+            result = self._fixed(x, self._exit_for_budget(len(x), options, notes), "budget")
+        else:
+            policy = self.threshold_policy(options.threshold, options.criterion)
+            if policy is None:
+                notes.append("no thresholds given and none calibrated in the manifest: answering "
+                             "from the deepest exit; run `byot-edge calibrate` or pass threshold")
+                result = self._fixed(x, self.num_exits, "exit")
+            elif options.budget_ms is not None:
+                result = self._cascade(x, Deadline(options.budget_ms, policy), options, notes)
+            elif all(v > 1 for v in policy.values) and self.backend.has(
+                    artifact_name(EXIT, self.num_exits)):
+                # Every shallow exit is off: the full network alone does the same, without
+                # the shallow branches (calibration costs this case the same way).
+                result = self._fixed(x, self.num_exits, "exit")
+            else:
+                result = self._cascade(x, policy, options, notes)
+        result.warnings = notes + result.warnings
+        for note in result.warnings:
+            if note not in self._warned:  # each distinct warning once per model
+                self._warned.add(note)
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
+        return result
+
+    def run_policy(self, batch: Any, policy: Policy) -> CascadeResult:
+        """The segment cascade under any policy (a custom one, or thresholds that are all
+        off, to measure the worst case of every sample reaching the deepest exit)."""
+        x = check_batch(batch, self.manifest.input)
+        return self._cascade(x, policy, PredictOptions(), [])
+
+    def threshold_policy(self, threshold: float | Sequence[float] | None = None,
+                         criterion: str | None = None) -> ConfidenceThresholds | None:
+        """The request's thresholds, else the manifest's; calibrated temperatures apply to
+        both (they describe the exits' logits, not the thresholds)."""
+        cal = self.manifest.thresholds
+        temps = cal.temperatures if cal else None
+        if threshold is None:
+            if cal is None:
+                return None
+            if criterion is not None and criterion != cal.criterion:
+                raise ByotError(f"the manifest's thresholds are for {cal.criterion}; pass "
+                                f"threshold along with criterion {criterion!r}")
+            return ConfidenceThresholds.for_model(cal.values, self.num_exits, cal.criterion, temps)
+        crit = criterion or (cal.criterion if cal else "max_softmax")
+        return ConfidenceThresholds.for_model(threshold, self.num_exits, crit, temps)
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Load every artifact and run each once, so the first request is not the slow one."""
+        x = np.zeros((batch_size, *self.manifest.input.shape), self.manifest.input.dtype)
+        if self._has_segments():
+            self._cascade(x, ConfidenceThresholds.for_model(2.0, self.num_exits),
+                          PredictOptions(), [])
+        for k in range(1, self.num_exits + 1):
+            if self.backend.has(artifact_name(EXIT, k)):
+                self._fixed(x, k, "exit")
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> AnytimeModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _temperature(self, k: int) -> float:
+        cal = self.manifest.thresholds
+        return cal.temperatures[k - 1] if cal and cal.temperatures else 1.0
+
+    def _has_segments(self) -> bool:
+        return all(self.backend.has(artifact_name(SEGMENT, k))
+                   for k in range(1, self.num_exits + 1))
+
+    def _answer(self, result: CascadeResult, where: np.ndarray, k: int, logits: np.ndarray,
+                ms: float) -> None:
+        p = softmax(logits, self._temperature(k))
+        result.indices[where] = logits.argmax(axis=-1)  # as an offline replay takes it
+        result.confidences[where] = p.max(axis=-1)
+        result.exits[where] = k
+        result.latency_ms[where] = ms
+
+    def _empty(self, n: int, mode: str) -> CascadeResult:
+        return CascadeResult(np.zeros(n, np.int64), np.zeros(n, np.float32),
+                             np.zeros(n, np.int64), np.zeros(n, np.float64), mode)
+
+    def _fixed(self, x: np.ndarray, k: int, mode: str) -> CascadeResult:
+        """Exit k for everyone: its truncated file in one call, else segments 1..k."""
+        result = self._empty(len(x), mode)
+        trunc = artifact_name(EXIT, k)
+        names = ([trunc] if self.backend.has(trunc)
+                 else [artifact_name(SEGMENT, j) for j in range(1, k + 1)])
+        ios = [self.backend.load(name) for name in names]  # before the clock starts
+        t0 = time.perf_counter()
+        h = x
+        for name, io in zip(names, ios, strict=True):
+            out = self.backend.run(name, {io.input: h})
+            result.calls.append((name, len(x)))
+            h = out[io.section] if io.section and name != names[-1] else out[io.logits]
+        self._answer(result, np.arange(len(x)), k, h, (time.perf_counter() - t0) * 1e3)
+        return result
+
+    def _exit_for_budget(self, n: int, options: PredictOptions, notes: list[str]) -> int:
+        """The deepest exit whose profiled latency (options.stat) fits the budget."""
+        assert options.budget_ms is not None
+        choice = select_profile(self.manifest, self.backend.name, self.backend.device, n)
+        if choice is None:
+            raise ByotError(f"budget_ms needs a latency profile and the manifest has none; run "
+                            f"`byot-edge profile {self.manifest.root / 'manifest.json'} --backend "
+                            f"{self.backend.name}` first, or pass a threshold for a deadline "
+                            "cascade")
+        if choice.warning:
+            notes.append(choice.warning)
+        latency = exit_latencies(choice, options.stat)
+        k = deepest_exit_within(latency, options.budget_ms)
+        if k is None:
+            notes.append(f"no exit fits a budget of {options.budget_ms:g} ms (exit 1 takes "
+                         f"{latency[0]:.3g} ms {options.stat} at batch {n}); answering from exit 1")
+            k = 1
+        return k
+
+    def _next_cost_ms(self, k: int, n: int, last_ms: float, options: PredictOptions,
+                      notes: list[str]) -> float:
+        """Predicted time of segment k+1 on (at most) the n samples that ran segment k: from
+        the profile, else the time segment k took (a backbone's sections are FLOP-balanced)."""
+        choice = select_profile(self.manifest, self.backend.name, self.backend.device, n)
+        segs = segment_latencies(choice, options.stat) if choice else None
+        if choice is not None and segs is not None:
+            if choice.warning and choice.warning not in notes:
+                notes.append(choice.warning)
+            return segs[k]
+        note = ("no segment latency profile for this backend: the deadline estimates each "
+                "segment from the previous one; run `byot-edge profile` for a better estimate")
+        if note not in notes:
+            notes.append(note)
+        return last_ms
+
+    def _cascade(self, x: np.ndarray, policy: Policy, options: PredictOptions,
+                 notes: list[str]) -> CascadeResult:
+        if not self._has_segments():
+            missing = next(k for k in range(1, self.num_exits + 1)
+                           if not self.backend.has(artifact_name(SEGMENT, k)))
+            self.backend.load(artifact_name(SEGMENT, missing))  # raises with the re-export hint
+        deadline = isinstance(policy, Deadline)
+        result = self._empty(len(x), "deadline" if deadline else "cascade")
+        names = [artifact_name(SEGMENT, k) for k in range(1, self.num_exits + 1)]
+        ios = [self.backend.load(name) for name in names]  # before the clock starts
+        num_exits = self.num_exits
+        active = np.arange(len(x))
+        h = x
+        t0 = time.perf_counter()
+        for k, (name, io) in enumerate(zip(names, ios, strict=True), start=1):
+            t_seg = time.perf_counter()
+            out = self.backend.run(name, {io.input: h})
+            result.calls.append((name, len(active)))
+            now = time.perf_counter()
+            elapsed = (now - t0) * 1e3
+            logits = out[io.logits]
+            if k == num_exits:
+                self._answer(result, active, k, logits, elapsed)
+                break
+            nxt = None
+            if deadline:
+                nxt = self._next_cost_ms(k, len(active), (now - t_seg) * 1e3, options, notes)
+            answer = np.asarray(policy(Step(k, num_exits, logits, elapsed, nxt)), bool)
+            answered = int(np.count_nonzero(answer))
+            if answered == len(answer):
+                self._answer(result, active, k, logits, elapsed)
+                break
+            assert io.section is not None
+            if answered:
+                self._answer(result, active[answer], k, logits[answer], elapsed)
+                # Compact: only the samples still running go on to the next segment.
+                keep = ~answer
+                h, active = out[io.section][keep], active[keep]
+            else:
+                h = out[io.section]
+        return result

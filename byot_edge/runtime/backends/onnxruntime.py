@@ -1,0 +1,115 @@
+"""ONNX Runtime: CPU everywhere; CUDA and TensorRT execution providers when installed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from byot_edge.errors import ByotError, missing_dependency
+from byot_edge.export.manifest import SEGMENT_ONNX, TRUNCATED_ONNX
+from byot_edge.runtime.backends.base import (
+    EXIT,
+    SEGMENT,
+    ArtifactIO,
+    Backend,
+    cpu_name,
+    io_from_entry,
+)
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing_dependency("onnxruntime", purpose="for --backend onnxruntime") from None
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    file_kinds: ClassVar[dict[str, str] | None] = {EXIT: TRUNCATED_ONNX, SEGMENT: SEGMENT_ONNX}
+
+    def __init__(self, manifest: Any, device: str | None = None,
+                 threads: int | None = None) -> None:
+        super().__init__(manifest)
+        self._ort = _import_ort()
+        available = self._ort.get_available_providers()
+        requested = (device or "auto").lower()
+        kind, _, index = requested.partition(":")
+        if kind == "auto":
+            kind = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        if kind == "gpu":
+            kind = "cuda"
+        if kind not in _PROVIDERS:
+            raise ByotError(f"unknown onnxruntime device {device!r}; choose one of: auto, cpu, "
+                            "cuda, cuda:N, tensorrt")
+        if _PROVIDERS[kind][0] not in available:
+            raise ByotError(f"this onnxruntime has no {_PROVIDERS[kind][0]} (it has "
+                            f"{', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT, "
+                            "or use --device cpu")
+        self._kind = kind
+        opts: dict[str, Any] = {"device_id": int(index)} if index else {}
+        self._providers: list[Any] = [
+            (p, opts) if p != "CPUExecutionProvider" and opts else p for p in _PROVIDERS[kind]
+        ]
+        self._options = self._ort.SessionOptions()
+        if threads:
+            self._options.intra_op_num_threads = threads
+        self._sessions: dict[str, Any] = {}
+        self._active: list[str] = []
+
+    @property
+    def device(self) -> str:
+        # What the sessions really run on: ORT silently falls back to CPU when CUDA fails.
+        provider = self._active[0] if self._active else _PROVIDERS[self._kind][0]
+        if provider == "CPUExecutionProvider":
+            return f"cpu ({cpu_name()})"
+        tag = "cuda" if provider == "CUDAExecutionProvider" else "tensorrt"
+        return f"{tag} ({_gpu_name()})"
+
+    def _load(self, artifact: str) -> ArtifactIO:
+        entry, path = self.file_entry(artifact)
+        try:
+            session = self._ort.InferenceSession(str(path), self._options,
+                                                 providers=self._providers)
+        except Exception as e:  # ORT raises its own untyped errors for a corrupt model
+            raise ByotError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:160]}); "
+                            "re-export it with `byot-edge export`") from None
+        io = io_from_entry(entry, str(path))
+        names_in = [i.name for i in session.get_inputs()]
+        names_out = {o.name for o in session.get_outputs()}
+        wanted_out = {io.logits} | ({io.section} if io.section else set())
+        if names_in != [io.input] or not wanted_out <= names_out:
+            raise ByotError(f"{path} has inputs {names_in} and outputs {sorted(names_out)} but "
+                            f"the manifest says {[io.input]} and {sorted(wanted_out)}; re-export "
+                            "it with `byot-edge export`")
+        self._sessions[artifact] = (session, [o.name for o in session.get_outputs()])
+        self._active = session.get_providers()
+        return io
+
+    def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session, names = self._sessions[artifact]
+        outs = session.run(None, dict(inputs))
+        return dict(zip(names, outs, strict=True))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return "gpu"

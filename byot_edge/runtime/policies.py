@@ -1,0 +1,216 @@
+"""Exit policies: pure decisions on one exit's logits, with no backend and no clock.
+
+A policy is called after exit k has been computed for the samples still running. It sees a
+`Step` (the exit, its logits, the time spent so far and the predicted cost of the next
+segment) and answers a boolean mask: True = answer this sample now from exit k. At the
+deepest exit every policy answers everything.
+
+Confidence scores all lie in [0, 1] and higher means more confident, so one rule serves
+every criterion: exit k < K answers a sample when `score >= thresholds[k-1]`. A threshold
+above 1 turns an exit off (`NEVER`).
+
+`simulate` runs a policy over recorded logits ([K, N, C], as `byot-edge eval --save-logits`
+writes them) exactly as the anytime model runs it over a backend, so calibration and tests
+can replay a cascade offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from byot_edge.errors import ByotError
+
+CRITERIA = ("max_softmax", "entropy", "margin")
+# Scores are <= 1, so this threshold never lets a sample out (JSON has no infinity).
+NEVER = 2.0
+
+
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise ByotError(f"unknown confidence criterion {criterion!r}; choose one of: "
+                        f"{', '.join(CRITERIA)}")
+    return criterion
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax over the last axis, in float64 so every caller gets bit-identical scores."""
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature != 1.0:
+        z = z / float(temperature)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def confidence(logits: np.ndarray, criterion: str = "max_softmax",
+               temperature: float = 1.0) -> np.ndarray:
+    """Per-sample confidence in [0, 1] (higher = more sure) of logits [..., C].
+
+    max_softmax: the top class probability; margin: top minus second probability;
+    entropy: 1 - H(p) / log(C), so a one-hot prediction scores 1 and a uniform one 0.
+    """
+    check_criterion(criterion)
+    p = softmax(logits, temperature)
+    if criterion == "max_softmax":
+        return p.max(axis=-1)
+    if criterion == "margin":
+        top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[..., -2:]
+        return top2[..., 1] - top2[..., 0]
+    num_classes = p.shape[-1]
+    h = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=-1)
+    return 1.0 - h / np.log(num_classes) if num_classes > 1 else np.ones(p.shape[:-1])
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a policy sees after exit `exit` ran on the samples still in the cascade."""
+
+    exit: int  # 1..num_exits, the exit just computed
+    num_exits: int
+    logits: np.ndarray  # [n, C] of the samples still running
+    elapsed_ms: float = 0.0  # since the request started
+    next_cost_ms: float | None = None  # predicted time of the next segment; None: unknown
+
+
+class Policy(Protocol):
+    def __call__(self, step: Step) -> np.ndarray:
+        """Boolean mask [n]: True answers that sample from `step.exit` now."""
+        ...
+
+
+def _all(step: Step, value: bool) -> np.ndarray:
+    return np.full(len(step.logits), value, dtype=bool)
+
+
+@dataclass(frozen=True)
+class FixedExit:
+    """Every sample answers from exit `exit`."""
+
+    exit: int
+
+    def __call__(self, step: Step) -> np.ndarray:
+        return _all(step, step.exit >= min(self.exit, step.num_exits))
+
+
+@dataclass(frozen=True)
+class ConfidenceThresholds:
+    """Answer at exit k < K when the criterion's score reaches `values[k-1]`."""
+
+    values: tuple[float, ...]  # one per exit 1..K-1
+    criterion: str = "max_softmax"
+    temperatures: tuple[float, ...] | None = None  # one per exit 1..K
+
+    def __post_init__(self) -> None:
+        check_criterion(self.criterion)
+        if self.temperatures is not None and any(t <= 0 for t in self.temperatures):
+            raise ByotError(f"temperatures must be positive, got {list(self.temperatures)}")
+
+    @classmethod
+    def for_model(cls, threshold: float | Sequence[float], num_exits: int,
+                  criterion: str = "max_softmax",
+                  temperatures: Sequence[float] | None = None) -> ConfidenceThresholds:
+        """One threshold for every shallow exit, or a list of K-1 of them."""
+        values = ([float(threshold)] * (num_exits - 1) if np.isscalar(threshold)
+                  else [float(v) for v in threshold])  # type: ignore[union-attr]
+        if len(values) != num_exits - 1:
+            raise ByotError(f"expected one threshold or {num_exits - 1} (one per exit "
+                            f"1..{num_exits - 1}; exit {num_exits} always answers), got "
+                            f"{len(values)}")
+        if any(np.isnan(v) for v in values):
+            raise ByotError("a threshold is NaN; pass numbers in [0, 1]")
+        if temperatures is not None and len(temperatures) != num_exits:
+            raise ByotError(f"expected {num_exits} temperatures (one per exit), got "
+                            f"{len(temperatures)}; re-run `byot-edge calibrate`")
+        temps = tuple(float(t) for t in temperatures) if temperatures is not None else None
+        return cls(tuple(values), criterion, temps)
+
+    def temperature(self, k: int) -> float:
+        return 1.0 if self.temperatures is None else self.temperatures[k - 1]
+
+    def scores(self, k: int, logits: np.ndarray) -> np.ndarray:
+        return confidence(logits, self.criterion, self.temperature(k))
+
+    def __call__(self, step: Step) -> np.ndarray:
+        if step.exit >= step.num_exits:
+            return _all(step, True)
+        return self.scores(step.exit, step.logits) >= self.values[step.exit - 1]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Wraps a policy: also answers everyone when the next segment would overrun the budget.
+
+    The samples still running then answer from the exit just computed, the deepest (and so,
+    for a self-distilled network, the best) exit they have reached.
+    """
+
+    budget_ms: float
+    inner: Policy
+
+    def __call__(self, step: Step) -> np.ndarray:
+        if (step.exit < step.num_exits and step.next_cost_ms is not None
+                and step.elapsed_ms + step.next_cost_ms > self.budget_ms):
+            return _all(step, True)
+        return self.inner(step)
+
+
+def deepest_exit_within(latency_ms: Sequence[float], budget_ms: float) -> int | None:
+    """The deepest exit (1..K) whose latency fits `budget_ms`; None when not even one fits."""
+    fitting = [k for k, ms in enumerate(latency_ms, start=1) if ms <= budget_ms]
+    return max(fitting) if fitting else None
+
+
+@dataclass(frozen=True)
+class Simulation:
+    exits: np.ndarray  # [N] int64, 1..K
+    predictions: np.ndarray  # [N] int64 class indices
+    steps: list[tuple[int, int]]  # (exit, samples that ran it): what a backend would run
+
+
+def simulate(logits: np.ndarray, policy: Policy,
+             segment_ms: Sequence[float] | None = None) -> Simulation:
+    """Replay a cascade on recorded logits [K, N, C] the way the anytime model runs it.
+
+    `segment_ms` gives each segment a fixed duration, so deadline policies can be replayed
+    deterministically; without it time stands still (and the next cost is unknown).
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 3:
+        raise ByotError(f"expected logits of shape [exits, samples, classes], got {logits.shape}")
+    num_exits, n, _ = logits.shape
+    exits = np.zeros(n, dtype=np.int64)
+    preds = np.zeros(n, dtype=np.int64)
+    active = np.arange(n)
+    steps: list[tuple[int, int]] = []
+    elapsed = 0.0
+    for k in range(1, num_exits + 1):
+        steps.append((k, len(active)))
+        if segment_ms is not None:
+            elapsed += segment_ms[k - 1]
+        nxt = segment_ms[k] if segment_ms is not None and k < num_exits else None
+        z = logits[k - 1, active]
+        answer = np.asarray(policy(Step(k, num_exits, z, elapsed, nxt)), dtype=bool)
+        if k == num_exits:
+            answer[:] = True  # the deepest exit always answers
+        exits[active[answer]] = k
+        preds[active[answer]] = z[answer].argmax(axis=-1)
+        active = active[~answer]
+        if len(active) == 0:
+            break
+    return Simulation(exits, preds, steps)
+
+
+def exits_for_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Vectorised cascade: 0-based exit of each sample from scores [K-1 or K, N].
+
+    The same rule as `ConfidenceThresholds` (first exit whose score reaches its threshold,
+    else the deepest), in one pass; calibration evaluates thousands of candidates with it.
+    """
+    shallow = len(thresholds)
+    t = np.asarray(thresholds, dtype=np.float64)[:, None]
+    go = np.asarray(scores[:shallow]) >= t
+    go = np.concatenate([go, np.ones((1, go.shape[1]), dtype=bool)])
+    return go.argmax(axis=0)

@@ -1,0 +1,231 @@
+"""Threshold calibration on recorded logits: no backend, no export."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from byot_edge.calibrate import (
+    Costs,
+    ValLogits,
+    calibrate,
+    fit_temperature,
+    load_logits,
+    manifest_costs,
+    msdnet_thresholds,
+    plot_calibration,
+    threshold_grid,
+    write_thresholds,
+)
+from byot_edge.errors import ByotError
+from byot_edge.export.manifest import (
+    ExitEntry,
+    InputSpec,
+    LatencyProfile,
+    Manifest,
+    load_manifest,
+)
+from byot_edge.runtime.policies import (
+    NEVER,
+    ConfidenceThresholds,
+    confidence,
+    exits_for_thresholds,
+    simulate,
+)
+
+
+def val_logits(k: int = 3, n: int = 2000, c: int = 10, seed: int = 0,
+               split: str = "val") -> ValLogits:
+    """Deeper exits are more accurate and confidence tracks correctness, as after training."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    easy = rng.uniform(0, 1, n)
+    logits = []
+    for j in range(k):
+        z = rng.standard_normal((n, c))
+        z[np.arange(n), y] += (j + 1) * 1.6 * (1.1 - easy)
+        logits.append(z)
+    return ValLogits(np.stack(logits).astype(np.float32), y, split, "synthetic", Path("val.npz"))
+
+
+COSTS = Costs([1.0, 2.1, 3.3], [1.0, 2.0, 3.0])
+
+
+def brute_force(val: ValLogits, costs: Costs, grid_size: int, feasible, key):  # type: ignore[no-untyped-def]
+    scores = np.stack([confidence(val.logits[j]) for j in range(val.num_exits - 1)])
+    correct = val.logits.argmax(2) == val.labels
+    grids = [threshold_grid(s, grid_size) for s in scores]
+    best = None
+    for t in itertools.product(*grids):
+        e = exits_for_thresholds(scores, t)
+        acc = correct[e, np.arange(len(e))].mean()
+        cost = (costs.flops_alone[-1] if all(v > 1 for v in t)
+                else np.asarray(costs.flops_cascade)[e].mean())
+        if feasible(acc, cost) and (best is None or key(acc, cost) < key(*best)):
+            best = (acc, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1])  # greedy alone misses the optimum on seed 1
+def test_max_drop_meets_the_target_at_least_cost_on_the_grid(seed: int) -> None:
+    val = val_logits(seed=seed)
+    cal = calibrate(val, COSTS, max_drop=1.0, grid_size=30)
+    c = cal.chosen
+    assert c.accuracy >= cal.deepest_accuracy - 0.01
+    assert c.flops < COSTS.flops_alone[-1]  # cheaper than the deepest exit alone
+    best = brute_force(val, COSTS, 30, lambda a, f: a >= cal.deepest_accuracy - 0.01 - 1e-12,
+                       lambda a, f: (f, -a))
+    assert best is not None
+    assert c.flops <= best[1] + 1e-9  # as cheap as exhaustive search over the same grid
+
+
+def test_flops_budget_gives_the_best_accuracy_within_it() -> None:
+    val = val_logits(seed=1)
+    cal = calibrate(val, COSTS, flops_budget=1.8, grid_size=30)
+    assert cal.chosen.flops <= 1.8
+    assert cal.metric == "flops" and "<= 1.8" in cal.objective
+    best = brute_force(val, COSTS, 30, lambda a, f: f <= 1.8, lambda a, f: (-a, f))
+    assert best is not None
+    assert cal.chosen.accuracy >= best[0] - 1e-12
+
+
+def test_replaying_the_chosen_thresholds_reproduces_their_figures() -> None:
+    val = val_logits(seed=2)
+    for criterion in ("max_softmax", "entropy", "margin"):
+        cal = calibrate(val, COSTS, max_drop=0.5, criterion=criterion, temperature=True)
+        c = cal.chosen
+        assert cal.temperatures is not None
+        policy = ConfidenceThresholds(c.thresholds, criterion, tuple(cal.temperatures))
+        sim = simulate(val.logits, policy)
+        assert (sim.predictions == val.labels).mean() == pytest.approx(c.accuracy)
+        fractions = np.bincount(sim.exits, minlength=4)[1:] / len(val.labels)
+        assert fractions == pytest.approx(c.fractions)
+        assert len(set(sim.exits.tolist())) >= 2
+
+
+def test_infeasible_budget_and_conflicting_objectives_are_refused() -> None:
+    val = val_logits()
+    with pytest.raises(ByotError, match="Raise the budget"):
+        calibrate(val, COSTS, flops_budget=0.5)
+    with pytest.raises(ByotError, match="choose one of"):
+        calibrate(val, COSTS, max_drop=1.0, flops_budget=2.0)
+    with pytest.raises(ByotError, match="needs a latency profile"):
+        calibrate(val, COSTS, latency_budget_ms=1.0)
+    with pytest.raises(ByotError, match="3 exits but the model has 4"):
+        calibrate(val, Costs([1, 2, 3, 4], [1, 2, 3, 4]), max_drop=1.0)
+
+
+def test_a_zero_drop_can_always_be_met() -> None:
+    cal = calibrate(val_logits(), COSTS, max_drop=0.0)
+    assert cal.chosen.accuracy >= cal.deepest_accuracy
+
+
+def test_msdnet_shares_follow_p_to_the_k() -> None:
+    val = val_logits(n=1200)
+    scores = np.stack([confidence(z) for z in val.logits[:-1]])
+    for p, expect in [(1.0, [1 / 3, 1 / 3]), (0.5, [4 / 7, 2 / 7])]:
+        t = msdnet_thresholds(scores, p, 3)
+        e = exits_for_thresholds(scores, t)
+        shares = np.bincount(e, minlength=3)[:2] / len(e)
+        assert shares == pytest.approx(expect, abs=2 / len(e))
+        assert all(0 <= v <= 1 for v in t)
+
+
+def test_grid_thresholds_sit_between_observed_scores() -> None:
+    scores = np.array([0.2, 0.4, 0.4, 0.9])
+    assert threshold_grid(scores).tolist() == [0.0, 0.30000000000000004, 0.65, NEVER]
+    assert len(threshold_grid(np.random.default_rng(0).random(5000), 50)) <= 52
+
+
+def test_fit_temperature_recovers_the_generating_one() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((20000, 5)) * 3
+    for t_true in (0.5, 2.0):
+        p = np.exp(z / t_true)
+        p /= p.sum(1, keepdims=True)
+        y = (p.cumsum(1) > rng.random((len(z), 1))).argmax(1)
+        assert fit_temperature(z, y) == pytest.approx(t_true, rel=0.1)
+
+
+def test_load_logits_checks_the_file(tmp_path: Path) -> None:
+    v = val_logits(n=50)
+    good = tmp_path / "val.npz"
+    np.savez(good, logits=v.logits, labels=v.labels, split="val", dataset="cifar10",
+             exits=np.arange(1, 4))
+    loaded = load_logits(good)
+    assert (loaded.split, loaded.dataset) == ("val", "cifar10")
+    assert loaded.logits.shape == (3, 50, 10)
+    cases = {
+        "missing": (None, "does not exist"),
+        "nolabels": ({"logits": v.logits}, "lacks labels"),
+        "shape": ({"logits": v.logits[0], "labels": v.labels}, r"expected \[exits, N, classes\]"),
+        "labels": ({"logits": v.logits, "labels": v.labels + 10}, "outside 0..9"),
+        "nan": ({"logits": v.logits * np.nan, "labels": v.labels}, "NaN"),
+    }
+    for name, (arrays, pattern) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        if arrays is not None:
+            np.savez(path, **arrays)
+        with pytest.raises(ByotError, match=pattern):
+            load_logits(path)
+
+
+def test_test_split_is_warned_about() -> None:
+    cal = calibrate(val_logits(split="test"), COSTS, max_drop=1.0)
+    assert "TEST split" in cal.notes[0]
+    assert not calibrate(val_logits(), COSTS, max_drop=1.0).notes
+
+
+def small_manifest(tmp_path: Path) -> Manifest:
+    exits = [ExitEntry(k, f"layer{k}", 8 * k, 2 ** k, 1000 * k, 10 * k) for k in range(1, 5)]
+    model = {"arch": "resnet18", "num_classes": 10, "in_chans": 3, "input_size": 32,
+             "stem": "cifar", "width": 0.125, "extra": {}}
+    m = Manifest(model, [f"c{i}" for i in range(10)], InputSpec([3, 32, 32]), exits,
+                 dataset="synthetic", root=tmp_path)
+    m.save()
+    return load_manifest(tmp_path)
+
+
+def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
+    m = small_manifest(tmp_path)
+    costs = manifest_costs(m)
+    # Counted on the rebuilt network: the cascade to exit k runs every branch before it.
+    assert costs.latency_cascade is None
+    assert all(b > a for a, b in zip(costs.flops_cascade, costs.flops_cascade[1:], strict=False))
+    entries = [{"exit": k, "truncated": {"p50": 2.0 * k}, "segment": {"p50": 1.0 * k}}
+               for k in range(1, 5)]
+    m.latency_profiles = [LatencyProfile("onnxruntime", "cpu (x)", 2, entries, "t1"),
+                          LatencyProfile("onnxruntime", "cpu (x)", 8, entries, "t1")]
+    costs = manifest_costs(m)
+    assert costs.latency_cascade == pytest.approx([0.5, 1.5, 3.0, 5.0])  # per sample, batch 2
+    assert costs.latency_alone == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    assert "batch 2" in costs.latency_source
+    assert manifest_costs(m, backend="tensorrt").latency_cascade is None
+
+
+def test_write_thresholds_keeps_everything_else(tmp_path: Path) -> None:
+    m = small_manifest(tmp_path)
+    before = m.to_dict()
+    val = val_logits(k=4)
+    cal = calibrate(val, Costs([1, 2, 3, 4], [1, 2, 3, 4]), max_drop=1.0, temperature=True)
+    write_thresholds(m, cal, "val.npz")
+    again = load_manifest(tmp_path)
+    assert again.thresholds is not None
+    assert again.thresholds.values == pytest.approx(list(cal.chosen.thresholds))
+    assert again.thresholds.temperatures == pytest.approx(cal.temperatures)
+    assert again.thresholds.expected["accuracy"] == pytest.approx(cal.chosen.accuracy)
+    after = again.to_dict()
+    after.pop("thresholds")
+    before.pop("thresholds")
+    assert after == before
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    cal = calibrate(val_logits(), Costs([1e6, 2e6, 3e6], [1e6, 2e6, 3e6], [1, 2, 3], [1, 2, 3]),
+                    max_drop=1.0)
+    assert cal.metric == "latency"
+    out = plot_calibration(cal, tmp_path / "curve.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,130 @@
+"""Exit policies on recorded logits, with no backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from byot_edge.errors import ByotError
+from byot_edge.runtime.policies import (
+    NEVER,
+    ConfidenceThresholds,
+    Deadline,
+    FixedExit,
+    Step,
+    confidence,
+    deepest_exit_within,
+    exits_for_thresholds,
+    simulate,
+)
+
+
+def recorded_logits(k: int = 4, n: int = 300, c: int = 10, seed: int = 0) -> np.ndarray:
+    """Logits whose sharpness varies per sample and grows with depth, like a trained model's."""
+    rng = np.random.default_rng(seed)
+    sharp = rng.uniform(0, 4, n)
+    return np.stack([rng.standard_normal((n, c)) * sharp[:, None] * (1 + j / 2)
+                     for j in range(k)]).astype(np.float32)
+
+
+def test_confidence_criteria_on_known_logits() -> None:
+    uniform = np.zeros((1, 4))
+    sure = np.array([[50.0, 0.0, 0.0, 0.0]])
+    two_way = np.array([[0.0, 0.0, -np.inf, -np.inf]])
+    assert confidence(uniform, "max_softmax") == pytest.approx([0.25])
+    assert confidence(uniform, "entropy") == pytest.approx([0.0])
+    assert confidence(uniform, "margin") == pytest.approx([0.0])
+    for criterion in ("max_softmax", "entropy", "margin"):
+        assert confidence(sure, criterion) == pytest.approx([1.0], abs=1e-9)
+    # Two equally likely classes out of four: entropy log 2 of log 4 -> score 0.5.
+    assert confidence(two_way, "entropy") == pytest.approx([0.5])
+    assert confidence(two_way, "max_softmax") == pytest.approx([0.5])
+
+
+def test_temperature_softens_confidence() -> None:
+    z = recorded_logits()[0]
+    assert (confidence(z, temperature=2.0) <= confidence(z) + 1e-12).all()
+    assert (confidence(z, temperature=2.0) < confidence(z)).any()
+
+
+def test_unknown_criterion_names_the_choices() -> None:
+    with pytest.raises(ByotError, match="max_softmax, entropy, margin"):
+        confidence(np.zeros((1, 3)), "variance")
+
+
+def test_thresholds_answer_confident_samples_and_the_deepest_answers_all() -> None:
+    logits = np.array([[5.0, 0.0], [0.1, 0.0], [0.0, 3.0]])
+    policy = ConfidenceThresholds.for_model(0.9, num_exits=3)
+    assert policy(Step(1, 3, logits)).tolist() == [True, False, True]
+    assert policy(Step(3, 3, logits)).all()
+    per_exit = ConfidenceThresholds.for_model([0.99, 0.5], num_exits=3)
+    assert per_exit(Step(1, 3, logits)).tolist() == [True, False, False]
+    assert per_exit(Step(2, 3, logits)).all()
+    off = ConfidenceThresholds.for_model(NEVER, num_exits=3)
+    assert not off(Step(1, 3, logits)).any()
+
+
+def test_threshold_count_is_checked() -> None:
+    with pytest.raises(ByotError, match="one threshold or 3"):
+        ConfidenceThresholds.for_model([0.5, 0.5], num_exits=4)
+    with pytest.raises(ByotError, match="4 temperatures"):
+        ConfidenceThresholds.for_model(0.5, num_exits=4, temperatures=[1.0])
+
+
+def test_fixed_exit() -> None:
+    logits = recorded_logits()
+    sim = simulate(logits, FixedExit(2))
+    assert (sim.exits == 2).all()
+    assert (sim.predictions == logits[1].argmax(1)).all()
+    assert sim.steps == [(1, logits.shape[1]), (2, logits.shape[1])]
+
+
+def test_deadline_answers_from_the_deepest_exit_reached() -> None:
+    logits = recorded_logits(k=4)
+    never = ConfidenceThresholds.for_model(NEVER, 4)
+    # 1 ms per segment: after exit 2 (2 ms) the next segment would end at 3 ms > 2.5 ms.
+    sim = simulate(logits, Deadline(2.5, never), segment_ms=[1.0, 1.0, 1.0, 1.0])
+    assert (sim.exits == 2).all()
+    assert (sim.predictions == logits[1].argmax(1)).all()
+    assert [n for _, n in sim.steps] == [logits.shape[1]] * 2
+    # A generous budget leaves the inner policy alone; an unknown next cost never stops it.
+    assert (simulate(logits, Deadline(100.0, never), [1.0] * 4).exits == 4).all()
+    assert (simulate(logits, Deadline(0.1, never)).exits == 4).all()
+
+
+def test_deadline_keeps_early_exits_of_the_inner_policy() -> None:
+    logits = recorded_logits(k=3)
+    inner = ConfidenceThresholds.for_model(0.6, 3)
+    free = simulate(logits, inner)
+    timed = simulate(logits, Deadline(2.5, inner), segment_ms=[1.0, 1.0, 1.0])
+    early = free.exits == 1
+    assert early.any() and (~early).any()
+    assert (timed.exits[early] == 1).all()
+    assert (timed.exits[~early] == 2).all()  # would have gone deeper, cut at exit 2
+
+
+def test_deepest_exit_within() -> None:
+    assert deepest_exit_within([1.0, 2.0, 3.0, 4.0], 2.5) == 2
+    assert deepest_exit_within([1.0, 2.0, 3.0, 4.0], 10) == 4
+    assert deepest_exit_within([1.0, 2.0], 0.5) is None
+    # Non-monotone measurements: still the deepest that fits.
+    assert deepest_exit_within([1.0, 3.0, 2.0], 2.5) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy", "margin"])
+def test_simulation_matches_vectorised_rule(seed: int, criterion: str) -> None:
+    logits = recorded_logits(seed=seed)
+    rng = np.random.default_rng(seed)
+    thresholds = rng.uniform(0.2, 0.9, 3)
+    temps = rng.uniform(0.5, 2.0, 4)
+    policy = ConfidenceThresholds.for_model(thresholds, 4, criterion, temps)
+    sim = simulate(logits, policy)
+    scores = np.stack([confidence(logits[k], criterion, temps[k]) for k in range(3)])
+    exits = exits_for_thresholds(scores, thresholds) + 1
+    assert (sim.exits == exits).all()
+    assert len(np.unique(exits)) >= 3  # the case exercises early and late exits
+    assert (sim.predictions == logits[exits - 1, np.arange(len(exits))].argmax(1)).all()
+    # Each step runs only the samples that were not answered before.
+    reached = [(exits >= k).sum() for k in range(1, 5)]
+    assert [n for _, n in sim.steps] == [r for r in reached if r > 0]
