@@ -26,7 +26,29 @@ fi
 
 rm -rf "$RUN"
 byot-edge train --dataset fashion-mnist --data-dir "$DATA" "${DOWNLOAD[@]}" \
-  --arch resnet18 --width 0.25 --recipe quick --epochs 2 --max-train-samples 12000 \
+  --arch resnet18 --width 0.25 --recipe quick --epochs 2 --max-train-samples 12000 --lr 0.2 \
   --val-split 0.1 --out "$RUN"
 byot-edge eval "$RUN/best.pt" --data-dir "$DATA" --split test --json "$RUN/test_eval.json"
 byot-edge eval "$RUN/best.pt" --data-dir "$DATA" --split val --save-logits "$RUN/val_logits.npz"
+
+# Deploy: every exit and the cascade segments as ONNX, checked against PyTorch on real images.
+byot-edge export "$RUN/best.pt" --out "$RUN/deploy" --segments --data-dir "$DATA"
+# Early-exit thresholds from the held-out validation logits (never the test set).
+byot-edge calibrate "$RUN/deploy/manifest.json" --logits "$RUN/val_logits.npz" --max-drop 0.5 \
+  --plot "$RUN/calibration.png"
+# What each exit costs here, and the cascade's accuracy on the test split.
+byot-edge bench "$RUN/deploy/manifest.json" --backend onnxruntime --batch 1,32 --data-dir "$DATA" \
+  --limit 2000 --out "$RUN/bench"
+# A few test images as PNG files, answered by the anytime model.
+python - "$DATA" "$RUN/images" <<'PY'
+import sys
+from pathlib import Path
+from PIL import Image
+from byot_edge.data import load_arrays
+test = load_arrays("fashion-mnist", sys.argv[1], "test")
+out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+for i in range(6):
+    Image.fromarray(test.images[i, 0]).save(out / f"test{i}_{test.class_names[test.labels[i]].replace('/', '-')}.png")
+PY
+byot-edge predict "$RUN/deploy/manifest.json" "$RUN"/images/*.png
+echo "done: checkpoints, deploy/ (ONNX + manifest), bench/ and plots are in $RUN"

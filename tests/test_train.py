@@ -24,8 +24,8 @@ def _synthetic_cfg(out: Path, **kw):
 def test_few_hundred_steps_on_real_data_beat_chance_at_every_exit(real_data, tmp_path):
     dataset, folder = real_data
     cfg = config_from_recipe("quick", arch="resnet18", dataset=dataset, data_dir=str(folder),
-                             out=str(tmp_path / "run"), width=0.125, epochs=2, batch_size=64,
-                             max_train_samples=9600, val_split=0.05, lr=0.05)
+                             out=str(tmp_path / "run"), width=0.125, epochs=2, batch_size=32,
+                             max_train_samples=4800, val_split=0.05, lr=0.05)
     run = train(cfg)  # 2 epochs x 150 steps
     model, state = load_model(run / "best.pt")
     test = load_arrays(dataset, folder, "test")

@@ -1,1 +1,77 @@
-"""Commands of this area register on `byot_edge.cli.app.app` here."""
+"""`byot-edge serve`: the HTTP server (byot_edge.runtime.server) under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from byot_edge.cli.app import app, console, err_console
+
+SERVE_EXAMPLE = """
+Examples:
+
+  byot-edge serve deploy/manifest.json --backend onnxruntime --host 127.0.0.1 --port 8080
+
+  BYOT_EDGE_TOKEN=s3cret byot-edge serve deploy/manifest.json --host 0.0.0.0 --max-batch 64 --max-wait-ms 5
+
+  curl -F file=@cat.png 'http://127.0.0.1:8080/v1/predict?threshold=0.9'
+
+Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics; the API is documented at /docs. Ctrl-C or SIGTERM finishes the requests in flight, then exits.
+
+Needs the serve extra: pip install 'byot-edge\\[serve]'. See docs/serving.md.
+"""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@app.command("serve", epilog=SERVE_EXAMPLE)
+def serve_command(
+    manifest: Annotated[Path, typer.Argument(help="manifest.json written by `byot-edge export`.")],
+    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the "
+                                                    "backend's choice).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    max_batch: Annotated[int, typer.Option(
+        help="Most samples run together; also the most one request may hold.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="Longest the oldest waiting request waits for requests still being received "
+             "to share its batch (a lone request does not wait).")
+    ] = 2.0,
+    max_queue: Annotated[int, typer.Option(
+        help="Most prediction requests held at once; more get 503 with Retry-After.")] = 64,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body (413 above).")
+    ] = 10.0,
+    token: Annotated[str | None, typer.Option(
+        envvar="BYOT_EDGE_TOKEN", show_default=False,
+        help="Require 'Authorization: Bearer TOKEN' on /v1/* and /metrics (health endpoints "
+             "stay open). Prefer the environment variable: arguments show in `ps`.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an exported model over HTTP, answering each request from the shallowest
+    confident exit, with dynamic batching."""
+    from byot_edge.runtime.anytime import AnytimeModel
+    from byot_edge.runtime.server import ServeConfig, serve  # fastapi: only when serving
+
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         max_upload_mb=max_upload_mb, token=token)
+    if token is None and not _is_loopback(host):
+        err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
+                          "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)
+    with AnytimeModel.load(manifest, backend=backend, device=device,
+                           **({"threads": threads} if threads else {})) as model:
+        console.print(f"serving {manifest} ({model.num_exits} exits) with {model.backend.name} "
+                      f"on http://{host}:{port} (docs at /docs)", highlight=False, soft_wrap=True)
+        serve(model, config, host=host, port=port, log_level=log_level)
+    console.print("server stopped")

@@ -83,6 +83,9 @@ class CascadeResult:
     latency_ms: np.ndarray  # [N] float64
     mode: str  # "exit", "budget", "cascade" or "deadline"
     calls: list[tuple[str, int]] = field(default_factory=list)  # (artifact, samples), in order
+    # [N, C] class probabilities at each sample's answering exit (temperature-scaled as the
+    # confidences are), for top-k answers
+    probabilities: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
 
     def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
@@ -206,6 +209,9 @@ class AnytimeModel:
     def _answer(self, result: CascadeResult, where: np.ndarray, k: int, logits: np.ndarray,
                 ms: float) -> None:
         p = softmax(logits, self._temperature(k))
+        if result.probabilities is None:
+            result.probabilities = np.zeros((len(result.indices), p.shape[-1]), np.float32)
+        result.probabilities[where] = p
         result.indices[where] = logits.argmax(axis=-1)  # as an offline replay takes it
         result.confidences[where] = p.max(axis=-1)
         result.exits[where] = k

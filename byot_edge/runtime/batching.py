@@ -1,0 +1,248 @@
+"""Dynamic batching: requests that arrive together run as one batch through the cascade.
+
+    batcher = Batcher(model, max_batch=32, max_wait_ms=2)
+    batcher.start()                       # inside the running event loop
+    answer = await batcher.submit(x, PredictOptions(threshold=0.9))
+    await batcher.close()                 # runs what is queued, then stops
+
+The event loop only queues; the model runs on one worker thread (the backends are
+blocking and not necessarily thread-safe, so one inference at a time). A batch starts
+when `max_batch` samples wait, when the oldest request has waited `max_wait_ms`, or at
+once when no other request is on its way: the server brackets reading and decoding a
+request with `receiving()`, and a batch waits only for requests it knows are coming, so a
+lone request pays no wait. While a batch runs, the next one fills, so under load batches
+grow without any extra wait.
+
+Requests are grouped by their options: a cascade's policy (thresholds, budget, fixed exit)
+belongs to the whole batch, so requests asking for different ones run as separate batches,
+back to back, from the same window. Inside a batch every sample still takes its own exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import numpy as np
+
+from byot_edge.errors import ByotError
+from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
+from byot_edge.runtime.metrics import ServerMetrics
+
+T = TypeVar("T")
+log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log format
+
+
+class BatcherClosed(ByotError):
+    """Raised by `submit` once the batcher is shutting down."""
+
+
+# -- the queue ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's share of a model run."""
+
+    result: CascadeResult  # this request's samples only
+    probabilities: np.ndarray | None  # [n, C] of the answering exits; None: unknown
+    batch_size: int  # samples in the model run that answered it
+    batch_requests: int  # requests in that run
+    queue_ms: float  # from submit until its model run started
+
+
+@dataclass
+class _Job:
+    x: np.ndarray
+    options: PredictOptions
+    future: asyncio.Future[Answer]
+    submitted: float
+
+
+def _slice(result: CascadeResult, s: slice) -> CascadeResult:
+    return replace(result, indices=result.indices[s], confidences=result.confidences[s],
+                   exits=result.exits[s], latency_ms=result.latency_ms[s])
+
+
+class Batcher:
+    def __init__(self, model: AnytimeModel, *, max_batch: int, max_wait_ms: float,
+                 metrics: ServerMetrics | None = None) -> None:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ByotError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} "
+                            f"and {max_wait_ms}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1e3
+        self.metrics = metrics
+        self._pending: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._receiving = 0  # requests being read or decoded, not yet submitted
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="byot-infer")
+        self._run_s = 0.0  # moving average of one model run, for Retry-After estimates
+        self._logged: set[str] = set()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch (not yet running)."""
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def expected_wait_s(self) -> float:
+        """A rough time until a request submitted now would be answered."""
+        samples = sum(len(j.x) for j in self._pending)
+        return (samples / self.max_batch + 1) * self._run_s + self.max_wait_s
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="byot-batcher")
+        self._task.add_done_callback(self._stopped)
+
+    @staticmethod
+    def _stopped(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batching worker stopped", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Stop taking requests, run the queued ones at once, then stop the worker."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)  # logged by _stopped
+        self._executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the inference thread, in turn with the batches (e.g. warmup)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- requests ------------------------------------------------------------------------
+
+    @contextmanager
+    def receiving(self) -> Iterator[None]:
+        """Bracket reading and decoding a request that will be submitted: batches wait
+        (up to max_wait_ms) only while some request is inside this."""
+        self._receiving += 1
+        try:
+            yield
+        finally:
+            self._receiving -= 1
+            self._arrived.set()  # a batch waiting for this request re-checks
+
+    async def submit(self, x: np.ndarray, options: PredictOptions) -> Answer:
+        """x: a checked batch [n, C, H, W], n <= max_batch. Raises what the model raised for
+        this request's batch (e.g. ByotError for options the manifest cannot serve)."""
+        if self._closing or not self.alive:
+            raise BatcherClosed("the server is shutting down")
+        if not 1 <= len(x) <= self.max_batch:
+            raise ByotError(f"a request holds 1..{self.max_batch} samples, got {len(x)}")
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Job(x, options, future, time.perf_counter()))
+        self._gauge()
+        self._arrived.set()
+        return await future  # a cancelled await cancels the future: the job is skipped
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._pending))
+
+    async def _loop(self) -> None:
+        jobs: list[_Job] | None = []
+        try:
+            while (jobs := await self._collect()) is not None:
+                groups: dict[PredictOptions, list[_Job]] = {}
+                for job in jobs:
+                    groups.setdefault(job.options, []).append(job)
+                for options, group in groups.items():
+                    await self._run(options, group)
+        except BaseException as e:  # a bug here must not leave requests waiting forever
+            for job in [*(jobs or []), *self._pending]:
+                if not job.future.done():
+                    job.future.set_exception(BatcherClosed(f"the batching worker stopped: {e!r}"))
+            raise
+
+    async def _collect(self) -> list[_Job] | None:
+        """Wait for a batch: max_batch samples, the oldest request's max_wait_ms, or no
+        request on its way (None: closed and nothing left to run)."""
+        while not self._pending:
+            if self._closing:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._pending[0].submitted + self.max_wait_s
+        while (not self._closing and self._receiving > 0
+               and sum(len(j.x) for j in self._pending) < self.max_batch):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        jobs: list[_Job] = []
+        samples = 0
+        while self._pending and samples + len(self._pending[0].x) <= self.max_batch:
+            job = self._pending.popleft()
+            if not job.future.done():  # its client went away
+                jobs.append(job)
+                samples += len(job.x)
+        self._gauge()
+        return jobs
+
+    def _infer(self, x: np.ndarray, options: PredictOptions
+               ) -> tuple[CascadeResult, np.ndarray | None]:
+        # The runtime's warnings are in result.warnings (each answer carries them); here
+        # they go to the log, once each, and a `-W error` setting cannot fail a batch.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = self.model.run(x, options)
+        for w in caught:
+            if str(w.message) not in self._logged:
+                self._logged.add(str(w.message))
+                log.warning("%s", w.message)
+        return result, result.probabilities
+
+    async def _run(self, options: PredictOptions, group: list[_Job]) -> None:
+        x = group[0].x if len(group) == 1 else np.concatenate([j.x for j in group])
+        started = time.perf_counter()
+        try:
+            result, probs = await self.call(lambda: self._infer(x, options))
+        except Exception as e:  # this batch's requests fail; the worker goes on
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        seconds = time.perf_counter() - started
+        self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
+        if self.metrics is not None:
+            ks, counts = np.unique(result.exits, return_counts=True)
+            self.metrics.observe_batch(len(x), len(group), seconds,
+                                       dict(zip(ks.tolist(), counts.tolist(), strict=True)))
+        at = 0
+        for job in group:
+            s = slice(at, at + len(job.x))
+            at = s.stop
+            queue_ms = (started - job.submitted) * 1e3
+            if self.metrics is not None:
+                self.metrics.queue_seconds.observe(queue_ms / 1e3)
+            if not job.future.done():
+                job.future.set_result(Answer(_slice(result, s),
+                                             None if probs is None else probs[s],
+                                             len(x), len(group), queue_ms))

@@ -1,0 +1,291 @@
+"""The server app in-process (create_app under uvicorn in a thread, on a loopback port):
+dynamic batching made deterministic with a model whose runs wait on a gate, top-k,
+readiness, the CLI's front door. Tests of `byot-edge serve` itself are in test_server.py."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from server_fixtures import Deployed, client, deployed_model, in_thread, wait_until
+from typer.testing import CliRunner
+
+from byot_edge.cli import app as cli_app
+from byot_edge.errors import ByotError
+from byot_edge.export.manifest import load_manifest
+from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
+from byot_edge.runtime.backends import artifact_name
+from byot_edge.runtime.batching import Batcher
+from byot_edge.runtime.policies import softmax
+from byot_edge.runtime.preprocess import load_images
+from byot_edge.runtime.server import PredictResponse, ServeConfig, create_app
+
+
+class GatedModel(AnytimeModel):
+    """Runs (and warms up) only while `gate` is set; records every run's batch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.runs: list[tuple[int, PredictOptions]] = []
+        self.fail_next: Exception | None = None
+
+    def run(self, batch: Any, options: PredictOptions | None = None) -> CascadeResult:
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.runs.append((len(batch), options or PredictOptions()))
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+        return super().run(batch, options)
+
+    def warmup(self, batch_size: int = 1) -> None:
+        assert self.gate.wait(30)
+        if self.fail_next is not None:
+            raise self.fail_next
+        super().warmup(batch_size)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Deployed:
+    return deployed_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def x(deployed: Deployed) -> np.ndarray:
+    return load_images(deployed.images, load_manifest(deployed.manifest).input)
+
+
+@pytest.fixture
+def model(deployed: Deployed) -> Iterator[GatedModel]:
+    with GatedModel.load(deployed.manifest, threads=1) as m:
+        yield m  # type: ignore[misc]
+
+
+@contextmanager
+def serving(model: AnytimeModel, **config: Any) -> Iterator[httpx.Client]:
+    """create_app(model) under uvicorn in a thread; a client for it once it is up."""
+    settings = {"warmup": False, "max_wait_ms": 0, **config}
+    with in_thread(create_app(model, ServeConfig(**settings))) as url, client(url) as c:
+        try:
+            if not settings["warmup"]:
+                wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
+            yield c
+        finally:  # before the server stops: requests stuck in a gated model would hold it
+            if isinstance(model, GatedModel):
+                model.gate.set()
+
+
+def npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+class Requests:
+    """Requests sent from threads, concurrently."""
+
+    def __init__(self, c: httpx.Client) -> None:
+        self.c = c
+        self.threads: list[threading.Thread] = []
+        self.responses: dict[int, Any] = {}
+
+    def post(self, key: int, x: np.ndarray, **params: Any) -> None:
+        def go() -> None:
+            self.responses[key] = self.c.post("/v1/predict", content=npy(x), params=params,
+                                              headers={"Content-Type": "application/x-npy"})
+
+        t = threading.Thread(target=go)
+        t.start()
+        self.threads.append(t)
+
+    def join(self) -> dict[int, Any]:
+        for t in self.threads:
+            t.join(60)
+        return self.responses
+
+
+def gauge(c: httpx.Client, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", c.get("/metrics").text, re.MULTILINE)
+    assert m, name
+    return float(m.group(1))
+
+
+def block_worker(model: GatedModel, reqs: Requests, x: np.ndarray) -> None:
+    """Request 0 enters the model and waits there, so the next ones queue up."""
+    model.gate.clear()
+    reqs.post(0, x[:1])
+    assert model.entered.wait(30)
+
+
+def test_requests_that_arrive_together_run_as_one_batch_each_with_its_own_exit(
+        model: GatedModel, x: np.ndarray, deployed: Deployed) -> None:
+    reference = AnytimeModel.load(deployed.manifest, threads=1)
+    with serving(model, max_batch=16) as c:
+        reqs = Requests(c)
+        block_worker(model, reqs, x)
+        for i in range(1, 11):
+            reqs.post(i, x[i:i + 1])
+        wait_until(lambda: gauge(c, "byot_edge_queue_depth") == 10, 30, "10 queued requests")
+        model.gate.set()
+        responses = reqs.join()
+    assert [n for n, _ in model.runs] == [1, 10]
+    exits = set()
+    for i in range(1, 11):
+        body = PredictResponse.model_validate(responses[i].json())
+        assert body.batch_size == 10
+        expected = reference.run(x[i:i + 1])
+        assert body.predictions[0].index == int(expected.indices[0])
+        assert body.predictions[0].exit == int(expected.exits[0])
+        exits.add(body.predictions[0].exit)
+    assert len(exits) > 1  # one batch, several exits
+
+
+def test_requests_with_different_options_run_as_separate_batches(
+        model: GatedModel, x: np.ndarray) -> None:
+    with serving(model, max_batch=16) as c:
+        reqs = Requests(c)
+        block_worker(model, reqs, x)
+        asks = [{"threshold": 0.3}, {"exit": 2}, {}, {"threshold": 0.3}, {"exit": 2},
+                {"threshold": 0.3}]
+        for i, params in enumerate(asks, start=1):
+            reqs.post(i, x[i:i + 2], **params)
+        wait_until(lambda: gauge(c, "byot_edge_queue_depth") == len(asks), 30, "queued")
+        model.gate.set()
+        responses = reqs.join()
+    sizes = {options: n for n, options in model.runs[1:]}
+    assert sizes == {PredictOptions(threshold=0.3): 6, PredictOptions(exit=2): 4,
+                     PredictOptions(): 2}
+    modes = {i: responses[i].json()["mode"] for i in range(1, len(asks) + 1)}
+    assert modes == {1: "cascade", 2: "exit", 3: "cascade", 4: "cascade", 5: "exit",
+                     6: "cascade"}
+    assert all(responses[i].json()["batch_size"] == 6 for i in (1, 4, 6))
+
+
+def test_batches_never_exceed_max_batch_nor_split_a_request(model: GatedModel,
+                                                            x: np.ndarray) -> None:
+    with serving(model, max_batch=8) as c:
+        reqs = Requests(c)
+        block_worker(model, reqs, x)
+        for i in range(1, 6):
+            reqs.post(i, x[3 * i - 3:3 * i])  # 3 samples each
+        wait_until(lambda: gauge(c, "byot_edge_queue_depth") == 5, 30, "5 queued requests")
+        model.gate.set()
+        responses = reqs.join()
+    assert [n for n, _ in model.runs[1:]] == [6, 6, 3]
+    assert all(len(responses[i].json()["predictions"]) == 3 for i in range(1, 6))
+
+
+def test_a_full_queue_answers_503_and_recovers(model: GatedModel, x: np.ndarray) -> None:
+    with serving(model, max_queue=2) as c:
+        reqs = Requests(c)
+        block_worker(model, reqs, x)
+        reqs.post(1, x[1:2])
+        wait_until(lambda: gauge(c, "byot_edge_queue_depth") == 1, 30, "a queued request")
+        r = c.post("/v1/predict", content=npy(x[2:3]),
+                   headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert "limit is 2" in r.json()["detail"]
+        model.gate.set()
+        assert all(r.status_code == 200 for r in reqs.join().values())
+        r = c.post("/v1/predict", content=npy(x[2:3]),
+                   headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == 200
+
+
+def test_the_worker_survives_a_failing_batch(model: GatedModel, x: np.ndarray) -> None:
+    with serving(model) as c:
+        def post() -> Any:
+            return c.post("/v1/predict", content=npy(x[:2]),
+                          headers={"Content-Type": "application/x-npy"})
+
+        model.fail_next = RuntimeError("boom")
+        r = post()
+        assert r.status_code == 500 and "the model failed" in r.json()["detail"]
+        model.fail_next = ByotError("the manifest cannot do that")
+        r = post()
+        assert r.status_code == 422 and r.json()["detail"] == "the manifest cannot do that"
+        assert post().status_code == 200
+        assert c.get("/readyz").status_code == 200
+
+
+def test_a_dead_worker_turns_not_ready_instead_of_hanging(
+        model: GatedModel, x: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(self: Batcher, options: PredictOptions, group: list) -> None:
+        raise RuntimeError("a bug in the batching loop")
+
+    monkeypatch.setattr(Batcher, "_run", broken)
+    with serving(model) as c:
+        r = c.post("/v1/predict", content=npy(x[:1]),
+                   headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == 503 and "worker stopped" in r.json()["detail"]
+        assert c.get("/readyz").json() == {"status": "worker stopped"}
+        assert c.get("/healthz").status_code == 200
+
+
+def test_not_ready_while_warming_up_and_after_a_failed_warmup(model: GatedModel,
+                                                              x: np.ndarray) -> None:
+    model.gate.clear()
+    with serving(model, warmup=True) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "warming up"}
+        r = c.post("/v1/predict", content=npy(x[:1]),
+                   headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        model.gate.set()
+        wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
+        assert gauge(c, "byot_edge_ready") == 1
+    model.fail_next = ByotError("segment2.onnx does not match the manifest")
+    with serving(model, warmup=True) as c:
+        wait_until(lambda: "failed" in c.get("/readyz").json()["status"], 30, "the failure")
+        assert "segment2.onnx" in c.get("/readyz").json()["status"]
+        r = c.post("/v1/predict", content=npy(x[:1]),
+                   headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == 503 and "warmup failed" in r.json()["detail"]
+
+
+def test_top_k_is_the_answering_exits_distribution(deployed: Deployed, x: np.ndarray) -> None:
+    model = AnytimeModel.load(deployed.manifest, threads=1)
+    with serving(model) as c:
+        r = c.post("/v1/predict", content=npy(x), params={"top_k": 10},
+                   headers={"Content-Type": "application/x-npy"})
+    body = PredictResponse.model_validate(r.json())
+    backend = AnytimeModel.load(deployed.manifest, threads=1).backend
+    exits = {p.exit for p in body.predictions}
+    assert len(exits) > 1
+    for k in exits:  # each exit's own truncated network, run directly
+        io_k = backend.load(artifact_name("exit", k))
+        logits = backend.run(artifact_name("exit", k), {io_k.input: x})[io_k.logits]
+        for i, p in enumerate(body.predictions):
+            if p.exit == k:
+                probs = np.zeros(10)
+                probs[[t.index for t in p.top_k]] = [t.probability for t in p.top_k]
+                np.testing.assert_allclose(probs, softmax(logits[i]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"max_batch": 0}, {"max_queue": 0}, {"max_wait_ms": -1},
+                                 {"max_upload_mb": 0}, {"token": " "}])
+def test_bad_settings_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ByotError):
+        ServeConfig(**bad)
+
+
+def test_cli_help_and_a_missing_manifest() -> None:
+    runner = CliRunner()
+    r = runner.invoke(cli_app, ["serve", "--help"])
+    assert r.exit_code == 0
+    for option in ("--max-batch", "--max-wait-ms", "--max-queue", "--max-upload-mb",
+                   "--token", "BYOT_EDGE_TOKEN", "Examples"):
+        assert option in r.output, option
+    r = runner.invoke(cli_app, ["serve", "/nonexistent/manifest.json", "--port", "1"])
+    assert r.exit_code == 2 and "no manifest" in r.output
