@@ -585,3 +585,15 @@ def test_docs_python_examples_work_as_written(docs_server: Server, deployed: Dep
 def test_docs_sample_answer_matches_the_schema() -> None:
     sample = next(b for b in code_blocks("json") if '"predictions"' in b)
     PredictResponse.model_validate(json.loads(sample))
+
+
+def test_readme_serving_examples_are_the_tested_ones() -> None:
+    """The README repeats docs/serving.md's curl and Python examples, which the tests above
+    run as written; this keeps the two identical."""
+    readme = (REPO / "README.md").read_text()
+    docs = DOCS.read_text()
+    section = readme[readme.index("### Serving over HTTP"):readme.index("## Layout")]
+    blocks = re.findall(r"```(?:bash|python)\n.*?```", section, flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        assert block in docs
