@@ -51,6 +51,15 @@ def make_checkpoint(
     return save_checkpoint(path, state)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is as fast, and never spin-waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     return make_checkpoint(tmp_path / "tiny.pt")

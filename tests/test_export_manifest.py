@@ -26,15 +26,8 @@ from byot_edge.fileio import sha256_file
 
 TS = {"exporter": "torchscript"}  # seconds per export on a small CPU, not tens
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is as fast, and never spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:

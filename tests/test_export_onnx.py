@@ -31,6 +31,8 @@ from byot_edge.models import list_models
 
 RTOL = 1e-4
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
@@ -42,15 +44,6 @@ def _export(root: Path, arch: str, exporter: str, **kw):
     manifest, reports = export_checkpoint(ckpt, out, segments=True, exporter=exporter, **kw)
     return ckpt, out, manifest, reports
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is as fast, and never spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module", params=list_models())
 def exported(request, tmp_path_factory):

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_checkpoint
 from typer.testing import CliRunner
 
@@ -23,6 +22,8 @@ from byot_edge.export.manifest import SEGMENT_TRT, TRUNCATED_TRT, load_manifest
 from byot_edge.export.trt_build import TrtOptions
 from byot_edge.export.trt_env import local_gpu
 from byot_edge.fileio import sha256_file
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tensorrt():
@@ -48,15 +49,6 @@ TS = {"exporter": "torchscript"}
 def _options(**kw) -> TrtOptions:
     return TrtOptions(module=MODULE, compute_capability=CC, workspace_mb=256, **kw)
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is as fast, and never spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
