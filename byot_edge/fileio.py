@@ -11,22 +11,34 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call `write(f)` on a temp file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call `write(f)` on a new temp file beside `path` and fsync it; returns the temp path
+    (removed again if `write` fails). Renaming it into place is the caller's step."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
+        # mkstemp makes 0600 files; exported artifacts must be readable by a server that runs
+        # as another user, as any file written with open() would be.
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes 0600 files; exported artifacts must be readable by a server that runs
-        # as another user, as any file written with open() would be.
-        os.chmod(tmp, 0o644)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write `path` through a temp file and a rename: never half a file under its name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -133,14 +133,6 @@ class Manifest:
             verify_file(path, self.weights.sha256)
         return path
 
-    def latency_profile(self, backend: str, batch: int | None = None) -> LatencyProfile | None:
-        """The newest profile for `backend` (and `batch`, if given; else the smallest batch)."""
-        found = [p for p in self.latency_profiles
-                 if p.backend == backend and (batch is None or p.batch == batch)]
-        if not found:
-            return None
-        return sorted(found, key=lambda p: (p.batch, p.created))[0 if batch is None else -1]
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("root")

@@ -8,11 +8,12 @@ written and checked, and every temp file is removed on failure.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from byot_edge.fileio import write_temp
 
 
 class Staging:
@@ -22,15 +23,9 @@ class Staging:
 
     def write(self, name: str, write: Callable[[BinaryIO], None]) -> Path:
         """Write `name` to a temp file beside its final place; returns the temp path."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
-        self._staged[name] = Path(tmp)
-        # mkstemp makes 0600 files; a server running as another user must read these.
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        return Path(tmp)
+        tmp = write_temp(self.out_dir / name, write)
+        self._staged[name] = tmp
+        return tmp
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         return self.write(name, lambda f: f.write(data))
