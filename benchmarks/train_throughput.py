@@ -25,7 +25,7 @@ from torch import nn
 import byot_edge  # noqa: F401  (sets the OpenMP wait policy before torch spins up threads)
 from byot_edge.losses import LossConfig
 from byot_edge.models import create_model
-from byot_edge.train import _amp_dtype, training_step
+from byot_edge.train import amp_dtype_for, training_step
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _time_variant(v: Variant, args: argparse.Namespace, device: torch.device) ->
     if v.compile:
         step_model = torch.compile(step_model)
     opt = torch.optim.SGD(step_model.parameters(), lr=0.01, momentum=0.9)
-    amp = _amp_dtype(v.amp, device)
+    amp = amp_dtype_for(v.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     cfg = LossConfig(method="plain" if v.backbone_only else v.method)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

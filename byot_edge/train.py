@@ -141,7 +141,7 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
                       out=cfg.out, data_dir=cfg.data_dir or state["train_config"]["data_dir"])
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = _setup_distributed(device)
-    amp_dtype = _amp_dtype(cfg.amp, device)
+    amp_dtype = amp_dtype_for(cfg.amp, device)
     loss_cfg = cfg.loss_config()
     info = dataset_info(cfg.dataset, cfg.image_size)
     torch.manual_seed(cfg.seed)
