@@ -4,7 +4,9 @@ Input: the logits of every exit on a validation split ([K, N, C], `byot-edge eva
 --save-logits`), never the test split. Every candidate set of thresholds is scored by an
 offline replay of the cascade (`exits_for_thresholds`, the runtime's own rule) for its
 accuracy and its expected cost per sample: FLOPs of the segments each sample runs, or their
-measured latency when the manifest holds a profile.
+measured latency when the manifest holds a profile. An exit whose threshold is off costs
+nothing beyond its section: the runtime skips its branch (and, where it can, runs the
+sections up to the next exit that is on as one span, whose profiled time is used).
 
 Candidates come from three searches, and the best one that meets the objective wins:
 - MSDNet's budgeted search (Huang et al., ICLR 2018, `dynamic_evaluate`): a one-parameter
@@ -120,8 +122,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Costs:
-    """Per exit k (index k-1): what a sample answered there cost, through the cascade
-    (segments 1..k) and alone (the truncated network)."""
+    """Per exit k (index k-1): what a sample answered there cost, through the cascade with
+    every exit on (segments 1..k) and alone (the truncated network). A cascade with exits
+    switched off skips their branches; `plan_costs` prices that."""
 
     flops_cascade: list[float]
     flops_alone: list[float]
@@ -129,10 +132,39 @@ class Costs:
     latency_alone: list[float] | None = None
     latency_source: str = ""
     notes: list[str] = field(default_factory=list)
+    branch_flops: list[float] | None = None  # per exit 1..K-1; None: not counted
+    # (first, last) -> ms per sample of segments first..last joined (first < last)
+    span_latency: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def plan_costs(self, plan: Sequence[int], metric: str) -> list[float]:
+        """Per exit k (index k-1) in `plan` (the exits that are on, ending at the deepest):
+        the cost of a sample answered there. Exits outside the plan get the cost of the
+        next one in it (no sample answers there)."""
+        num_exits = len(self.flops_cascade)
+        on = set(plan)
+        if metric == "flops":
+            skipped = np.cumsum([0.0] + [b if k not in on else 0.0
+                                         for k, b in enumerate(self.branch_flops or [], 1)])
+            cost = [c - skipped[min(k, len(skipped) - 1)]
+                    for k, c in enumerate(self.flops_cascade)]
+        else:
+            assert self.latency_cascade is not None
+            seg = np.diff([0.0, *self.latency_cascade])
+            cost, total, prev = [0.0] * num_exits, 0.0, 0
+            for k in sorted(on):
+                step = self.span_latency.get((prev + 1, k)) if k > prev + 1 else None
+                total += step if step is not None else float(seg[prev:k].sum())
+                cost[k - 1], prev = total, k
+        out, nxt = list(cost), cost[-1]
+        for k in range(num_exits, 0, -1):  # exits that are off: priced as the next one on
+            nxt = out[k - 1] if k in on else nxt
+            out[k - 1] = nxt
+        return [float(c) for c in out]
 
 
-def segment_flops(manifest: Manifest) -> list[float]:
-    """FLOPs of each segment at batch 1, counted on the rebuilt network (no weights needed)."""
+def segment_flops(manifest: Manifest) -> tuple[list[float], list[float]]:
+    """Per segment at batch 1, counted on the rebuilt network (no weights needed): the FLOPs
+    of its section (the stem included in the first) and of its exit's branch."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -140,14 +172,17 @@ def segment_flops(manifest: Manifest) -> list[float]:
 
     model = model_from_config(manifest.model).eval()
     h: Any = torch.zeros(1, *manifest.input.shape)
-    out = []
+    sections, branches = [], []
     with torch.no_grad():
         for seg in model.segments():
             with FlopCounterMode(display=False) as counter:
-                y = seg(h)
-            out.append(float(counter.get_total_flops()))
-            h = y[0] if isinstance(y, tuple) else y
-    return out
+                y = seg.section(seg.prefix(h))
+            sections.append(float(counter.get_total_flops()))
+            with FlopCounterMode(display=False) as counter:
+                seg.head(y)
+            branches.append(float(counter.get_total_flops()))
+            h = y
+    return sections, branches
 
 
 def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "p50") -> Costs:
@@ -155,8 +190,11 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
     Latency is per sample, from the smallest profiled batch (batch 1 is the anytime case)."""
     notes: list[str] = []
     alone = [float(e.flops) for e in manifest.exits]
+    branches: list[float] | None = None
     try:
-        cascade = list(np.cumsum(segment_flops(manifest)))
+        sections, heads = segment_flops(manifest)
+        cascade = list(np.cumsum(np.add(sections, heads)))
+        branches = heads[:-1]
     except Exception as e:  # an architecture that cannot be rebuilt here: a lower bound
         cascade = alone
         notes.append(f"could not count segment FLOPs ({type(e).__name__}); the cascade's FLOPs "
@@ -165,6 +203,7 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
     if backend and not profiles and manifest.latency_profiles:
         notes.append(f"the manifest has no latency profile for {backend}; costs are FLOPs")
     lat_cascade = lat_alone = None
+    spans: dict[tuple[int, int], float] = {}
     source = ""
     if profiles:
         smallest = min(p.batch for p in profiles)
@@ -175,11 +214,14 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
             lat_cascade = list(np.cumsum(seg))
             lat_alone = [e["truncated"][stat] / p.batch if "truncated" in e else c
                          for e, c in zip(entries, lat_cascade, strict=True)]
+            spans = {(int(first), e["exit"]): v[stat] / p.batch
+                     for e in entries for first, v in e.get("spans", {}).items()}
             source = f"{p.backend} on {p.device}, batch {p.batch}, {stat}"
         else:
             notes.append("the latency profile has no segment timings; costs are FLOPs "
                          "(re-export with --segments and re-run `byot-edge profile`)")
-    return Costs([float(c) for c in cascade], alone, lat_cascade, lat_alone, source, notes)
+    return Costs([float(c) for c in cascade], alone, lat_cascade, lat_alone, source, notes,
+                 branches, spans)
 
 
 # -- search ------------------------------------------------------------------------------
@@ -193,9 +235,15 @@ class Candidate:
     flops: float  # expected per sample
     latency_ms: float | None
     fractions: tuple[float, ...]  # share of samples answered at each exit 1..K
+    # What a sample that no exit lets go costs (the cascade's worst case)
+    worst_flops: float = 0.0
+    worst_latency_ms: float | None = None
 
     def cost(self, metric: str) -> float:
         return self.flops if metric == "flops" else float(self.latency_ms or 0.0)
+
+    def worst(self, metric: str) -> float:
+        return self.worst_flops if metric == "flops" else float(self.worst_latency_ms or 0.0)
 
 
 @dataclass
@@ -233,6 +281,12 @@ class _Evaluator:
         self.costs = costs
         self.num_exits, self.n = correct.shape
         self.seen: dict[tuple[float, ...], Candidate] = {}
+        self._plans: dict[tuple[tuple[int, ...], str], list[float]] = {}
+
+    def _plan_costs(self, plan: tuple[int, ...], metric: str) -> list[float]:
+        if (plan, metric) not in self._plans:
+            self._plans[plan, metric] = self.costs.plan_costs(plan, metric)
+        return self._plans[plan, metric]
 
     def __call__(self, thresholds: Sequence[float], method: str) -> Candidate:
         key = tuple(float(t) for t in thresholds)
@@ -241,13 +295,19 @@ class _Evaluator:
         e = exits_for_thresholds(self.scores, key)
         counts = np.bincount(e, minlength=self.num_exits)
         acc = float(self.correct[e, np.arange(self.n)].mean())
-        flops = float(counts @ np.asarray(self.costs.flops_cascade)) / self.n
-        lat = self.costs.latency_cascade
-        latency = float(counts @ np.asarray(lat)) / self.n if lat is not None else None
+        plan = (*(k for k, t in enumerate(key, start=1) if t <= 1), self.num_exits)
+        flops_at = self._plan_costs(plan, "flops")
+        flops, worst_flops = float(counts @ np.asarray(flops_at)) / self.n, flops_at[-1]
+        latency = worst_latency = None
+        if self.costs.latency_cascade is not None:
+            latency_at = self._plan_costs(plan, "latency")
+            latency, worst_latency = float(counts @ np.asarray(latency_at)) / self.n, latency_at[-1]
         if all(t > 1 for t in key):  # all off: the runtime runs the full network alone
-            flops = self.costs.flops_alone[-1]
-            latency = self.costs.latency_alone[-1] if self.costs.latency_alone else None
-        c = Candidate(method, key, acc, flops, latency, tuple(float(v) for v in counts / self.n))
+            flops = worst_flops = self.costs.flops_alone[-1]
+            latency = worst_latency = (self.costs.latency_alone[-1] if self.costs.latency_alone
+                                       else None)
+        c = Candidate(method, key, acc, flops, latency, tuple(float(v) for v in counts / self.n),
+                      worst_flops, worst_latency)
         self.seen[key] = c
         return c
 
@@ -353,10 +413,14 @@ def _direct_search(ev: _Evaluator, grids: list[np.ndarray], start: Candidate,
 def calibrate(val: ValLogits, costs: Costs, *, criterion: str = "max_softmax",
               temperature: bool = False, max_drop: float | None = None,
               flops_budget: float | None = None, latency_budget_ms: float | None = None,
-              grid_size: int = 100) -> Calibration:
+              max_worst_case: float | None = None, grid_size: int = 100) -> Calibration:
     """Choose thresholds for exits 1..K-1 meeting exactly one objective:
     `max_drop` (accuracy points below the deepest exit, at the least expected cost), or the
-    best accuracy within `flops_budget` (FLOPs per sample) or `latency_budget_ms`."""
+    best accuracy within `flops_budget` (FLOPs per sample) or `latency_budget_ms`.
+
+    `max_worst_case` also bounds what a sample no exit lets go costs, as a multiple of the
+    deepest exit alone (1.1: at most 10% more): the branches of the exits that are on are
+    that overhead, so it limits which exits may be on."""
     check_criterion(criterion)
     given = [v for v in (max_drop, flops_budget, latency_budget_ms) if v is not None]
     if len(given) > 1:
@@ -368,6 +432,9 @@ def calibrate(val: ValLogits, costs: Costs, *, criterion: str = "max_softmax",
         raise ByotError(f"the logits have {num_exits} exits but the model has "
                         f"{len(costs.flops_cascade)}; evaluate the checkpoint this manifest "
                         "was exported from")
+    if max_worst_case is not None and not max_worst_case >= 1:
+        raise ByotError(f"--max-worst-case is a multiple of the deepest exit's cost, at least 1 "
+                        f"(1.1 allows 10% more), got {max_worst_case}")
     if latency_budget_ms is not None and costs.latency_cascade is None:
         raise ByotError("--latency-budget-ms needs a latency profile with segment timings in "
                         "the manifest; run `byot-edge profile MANIFEST` first, or use "
@@ -406,6 +473,15 @@ def calibrate(val: ValLogits, costs: Costs, *, criterion: str = "max_softmax",
         def key(c: Candidate) -> tuple[float, float]:
             return (-c.accuracy, c.cost(metric))
 
+    if max_worst_case is not None:
+        ceiling = max_worst_case * (costs.flops_alone[-1] if metric == "flops"
+                                    else float(costs.latency_alone[-1]))  # type: ignore[index]
+        objective += f", worst case <= {max_worst_case:g}x the deepest exit alone"
+        meets_objective = feasible
+
+        def feasible(c: Candidate) -> bool:
+            return meets_objective(c) and c.worst(metric) <= ceiling * (1 + 1e-12)
+
     grids = [threshold_grid(scores[k], grid_size) for k in range(num_exits - 1)]
     for p in MSDNET_P:
         ev(msdnet_thresholds(scores, float(p), num_exits), f"msdnet p={p:.2f}")
@@ -427,7 +503,7 @@ def calibrate(val: ValLogits, costs: Costs, *, criterion: str = "max_softmax",
         lat = costs.latency_alone[k] if costs.latency_alone else None
         fr = tuple(1.0 if j == k else 0.0 for j in range(num_exits))
         alone.append(Candidate(f"exit {k + 1} alone", (), float(correct[k].mean()),
-                               costs.flops_alone[k], lat, fr))
+                               costs.flops_alone[k], lat, fr, costs.flops_alone[k], lat))
     notes = list(costs.notes)
     if val.split == "test":
         notes.insert(0, f"{val.path} says it holds the TEST split: thresholds tuned on test data "
@@ -450,10 +526,12 @@ def write_thresholds(manifest: Manifest, cal: Calibration, source: str) -> Path:
         "accuracy": c.accuracy, "deepest_accuracy": cal.deepest_accuracy,
         "accuracy_drop_points": 100 * (cal.deepest_accuracy - c.accuracy),
         "flops": c.flops, "deepest_flops": cal.exits_alone[-1].flops,
+        "worst_case_flops": c.worst_flops,
         **{f"exit{k}_fraction": f for k, f in enumerate(c.fractions, start=1)},
     }
     if c.latency_ms is not None:
         expected["latency_ms"] = c.latency_ms
+        expected["worst_case_latency_ms"] = float(c.worst_latency_ms or 0.0)
         if cal.exits_alone[-1].latency_ms:
             expected["deepest_latency_ms"] = float(cal.exits_alone[-1].latency_ms)
     manifest.thresholds = Thresholds(cal.criterion, list(c.thresholds), cal.temperatures,
@@ -502,7 +580,8 @@ def plot_calibration(cal: Calibration, path: str | Path) -> Path:
 def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
                        criterion: str = "max_softmax", temperature: bool = False,
                        max_drop: float | None = None, flops_budget: float | None = None,
-                       latency_budget_ms: float | None = None, backend: str | None = None,
+                       latency_budget_ms: float | None = None,
+                       max_worst_case: float | None = None, backend: str | None = None,
                        plot: str | Path | None = None, write: bool = True) -> Calibration:
     """Load, calibrate, write the thresholds into the manifest, optionally plot."""
     manifest = load_manifest(manifest_path)
@@ -513,7 +592,7 @@ def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
                         "from")
     cal = calibrate(val, manifest_costs(manifest, backend), criterion=criterion,
                     temperature=temperature, max_drop=max_drop, flops_budget=flops_budget,
-                    latency_budget_ms=latency_budget_ms)
+                    latency_budget_ms=latency_budget_ms, max_worst_case=max_worst_case)
     if val.dataset and manifest.dataset and val.dataset != manifest.dataset:
         cal.notes.insert(0, f"{val.path} is from dataset {val.dataset!r} but the model was "
                             f"trained on {manifest.dataset!r}")

@@ -195,7 +195,8 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     # Counted on the rebuilt network: the cascade to exit k runs every branch before it.
     assert costs.latency_cascade is None
     assert all(b > a for a, b in zip(costs.flops_cascade, costs.flops_cascade[1:], strict=False))
-    entries = [{"exit": k, "truncated": {"p50": 2.0 * k}, "segment": {"p50": 1.0 * k}}
+    entries = [{"exit": k, "truncated": {"p50": 2.0 * k}, "segment": {"p50": 1.0 * k},
+                "spans": {str(i): {"p50": 0.9 * (k - i + 1)} for i in range(1, k)}}
                for k in range(1, 5)]
     m.latency_profiles = [LatencyProfile("onnxruntime", "cpu (x)", 2, entries, "t1"),
                           LatencyProfile("onnxruntime", "cpu (x)", 8, entries, "t1")]
@@ -203,7 +204,62 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.latency_cascade == pytest.approx([0.5, 1.5, 3.0, 5.0])  # per sample, batch 2
     assert costs.latency_alone == pytest.approx([1.0, 2.0, 3.0, 4.0])
     assert "batch 2" in costs.latency_source
+    assert costs.span_latency[(1, 4)] == pytest.approx(1.8)  # 0.9 * 4 segments / batch 2
+    assert len(costs.span_latency) == 6
+    # FLOPs: each shallow exit's branch, what switching the exit off saves.
+    assert costs.branch_flops is not None and len(costs.branch_flops) == 3
+    assert all(b > 0 for b in costs.branch_flops)
     assert manifest_costs(m, backend="tensorrt").latency_cascade is None
+
+
+def test_exits_that_are_off_cost_no_branch_and_spans_their_profiled_time() -> None:
+    # Segment times 1.0, 1.5, 2.0 ms; branches of exits 1 and 2: 2 and 3 FLOPs.
+    costs = Costs([10.0, 25.0, 45.0], [8.0, 20.0, 40.0], [1.0, 2.5, 4.5], [0.8, 2.0, 4.0],
+                  branch_flops=[2.0, 3.0], span_latency={(2, 3): 1.6, (1, 2): 2.0, (1, 3): 3.9})
+    assert costs.plan_costs((1, 2, 3), "flops") == [10.0, 25.0, 45.0]
+    assert costs.plan_costs((1, 3), "flops") == [10.0, 42.0, 42.0]  # exit 2's branch skipped
+    assert costs.plan_costs((2, 3), "flops") == [23.0, 23.0, 43.0]  # exit 1's branch skipped
+    assert costs.plan_costs((1, 2, 3), "latency") == [1.0, 2.5, 4.5]
+    assert costs.plan_costs((1, 3), "latency") == pytest.approx([1.0, 2.6, 2.6])
+    assert costs.plan_costs((2, 3), "latency") == pytest.approx([2.0, 2.0, 4.0])
+    assert costs.plan_costs((3,), "latency") == pytest.approx([3.9, 3.9, 3.9])
+    # Without a profiled span (an engine backend chains segments): the segments' sum.
+    plain = Costs([10.0, 25.0, 45.0], [8.0, 20.0, 40.0], [1.0, 2.5, 4.5], [0.8, 2.0, 4.0])
+    assert plain.plan_costs((1, 3), "latency") == pytest.approx([1.0, 4.5, 4.5])
+    # The search prices every candidate the way the runtime runs it.
+    val = val_logits()
+    cal = calibrate(val, costs, max_drop=1.0, grid_size=30)
+    scores = np.stack([confidence(val.logits[j]) for j in range(2)])
+    for c in cal.candidates:
+        if all(t > 1 for t in c.thresholds):
+            continue  # the runtime runs the truncated network alone
+        plan = (*(k for k, t in enumerate(c.thresholds, start=1) if t <= 1), 3)
+        e = exits_for_thresholds(scores, c.thresholds)
+        for metric in ("latency", "flops"):
+            want = np.asarray(costs.plan_costs(plan, metric))[e].mean()
+            assert c.cost(metric) == pytest.approx(want)
+    assert any(t > 1 for c in cal.candidates for t in c.thresholds[:1])
+
+
+def test_a_worst_case_bound_limits_which_branches_run() -> None:
+    # Branches cost 7% and 6% of the deepest exit alone (7.0): each one on adds that to a
+    # sample that no exit lets go.
+    costs = Costs([2.5, 4.9, 7.9], [2.5, 4.4, 7.0], branch_flops=[0.5, 0.4])
+    val = val_logits()
+    free = calibrate(val, costs, max_drop=2.0, grid_size=30)
+    ratio = free.chosen.worst_flops / 7.0
+    assert ratio > 1.05  # unbounded, the cheapest cascade on average keeps a branch on
+    bound = (1 + ratio) / 2
+    limited = calibrate(val, costs, max_drop=2.0, max_worst_case=bound, grid_size=30)
+    c = limited.chosen
+    assert c.worst_flops <= bound * 7.0 and c.accuracy >= limited.deepest_accuracy - 0.02
+    assert c.flops >= free.chosen.flops  # the bound costs something on average
+    assert f"worst case <= {bound:g}x" in limited.objective
+    # 1.0: no branch may run; the only way is the deepest exit alone.
+    none = calibrate(val, costs, max_drop=2.0, max_worst_case=1.0, grid_size=30)
+    assert all(t > 1 for t in none.chosen.thresholds)
+    with pytest.raises(ByotError, match="at least 1"):
+        calibrate(val, costs, max_drop=2.0, max_worst_case=0.9)
 
 
 def test_write_thresholds_keeps_everything_else(tmp_path: Path) -> None:

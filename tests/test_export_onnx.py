@@ -20,6 +20,7 @@ from conftest import make_checkpoint
 
 from byot_edge.checkpoint import load_model
 from byot_edge.export.exporter import export_checkpoint
+from byot_edge.export.join import join_segments
 from byot_edge.export.manifest import (
     SEGMENT_ONNX,
     TRUNCATED_ONNX,
@@ -82,6 +83,29 @@ def test_every_file_reproduces_pytorch(exported):
         [("exit", k) for k in range(1, k_max + 1)] + [("segment", k) for k in range(1, k_max + 1)])
     assert all(r.passed and r.max_rel is not None and r.max_rel <= RTOL for r in reports)
     _assert_files_match_pytorch(ckpt, out)
+
+
+def test_joined_segments_equal_the_chain_without_the_branches_inside(exported):
+    manifest = exported[2]
+    k_max = manifest.num_exits
+    segs = [onnx.load(manifest.file_path(k, SEGMENT_ONNX)) for k in range(1, k_max + 1)]
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    chain, h = [], x  # (input, outputs) of each segment
+    for k in range(1, k_max + 1):
+        outs = _run(manifest.file_path(k, SEGMENT_ONNX), h)
+        chain.append((h, outs))
+        h = outs[0]
+    for first in range(1, k_max + 1):
+        for last in range(first + 1, k_max + 1):
+            joined = join_segments(segs[first - 1:last])
+            ops = collections.Counter(n.op_type for n in joined.graph.node)
+            assert ops["Gemm"] + ops["MatMul"] == 1, f"span {first}..{last} holds {ops}"
+            session = ort.InferenceSession(joined.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+            got = session.run(None, {session.get_inputs()[0].name: chain[first - 1][0]})
+            # Exactly the chain's outputs: the same nodes, run in the same order.
+            for g, want in zip(got, chain[last - 1][1], strict=True):
+                np.testing.assert_array_equal(g, want)
 
 
 def test_truncated_file_holds_only_its_path(exported):

@@ -40,6 +40,17 @@ def test_truncate_and_segments_equal_forward(arch):
             else:
                 z = out
             torch.testing.assert_close(z, full[k - 1], rtol=0, atol=0)
+        # A span skips the branches of the exits inside it and gives what the chain gives.
+        sections = [x]
+        for segment in model.segments()[:-1]:
+            sections.append(segment(sections[-1])[0])
+        for first in range(1, 5):
+            for last in range(first, 5):
+                out = model.span(first, last)(sections[first - 1])
+                z = out if last == 4 else out[1]
+                torch.testing.assert_close(z, full[last - 1], rtol=0, atol=0)
+                if last < 4:
+                    torch.testing.assert_close(out[0], sections[last], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])

@@ -169,11 +169,17 @@ def test_cascade_stops_early_and_compacts_the_batch(deployed: Deployed) -> None:
     result = model.run(deployed.x, PredictOptions(threshold=0.0))
     assert spy.calls == [("segment1", n)]
     assert (result.exits == 1).all()
-    # No one can be confident: every segment on the full batch (the worst case)...
+    # No one can be confident at any exit computed: every segment on the full batch (the
+    # worst case of a plan with every exit on)...
     spy.calls.clear()
-    worst = model.run_policy(deployed.x, ConfidenceThresholds.for_model(NEVER, 4))
+    never = ConfidenceThresholds.for_model(NEVER, 4)
+    worst = model.run_policy(deployed.x, never, plan=(1, 2, 3, 4))
     assert spy.calls == [(f"segment{k}", n) for k in range(1, 5)]
     assert (worst.exits == 4).all()
+    # (without a plan, exits that are off are not computed: one span, no branches)
+    spy.calls.clear()
+    model.run_policy(deployed.x, never)
+    assert spy.calls == [("span1-4", n)]
     # ...which a request with every exit off avoids by running the full network alone.
     spy.calls.clear()
     full = model.run(deployed.x, PredictOptions(threshold=NEVER))
@@ -194,6 +200,33 @@ def test_cascade_stops_early_and_compacts_the_batch(deployed: Deployed) -> None:
     # Earlier answers are never slower than later ones in the same request.
     order = np.argsort(result.exits, kind="stable")
     assert (np.diff(result.latency_ms[order]) >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exits_switched_off_are_skipped_branches_and_all(
+        deployed: Deployed, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ths = median_thresholds(deployed.logits)
+    ths[1] = ths[2] = NEVER  # exits 2 and 3 off: segment 1, then sections 2..4 as one span
+    sim = simulate(deployed.logits, ConfidenceThresholds.for_model(ths, 4))
+    with load(deployed.root, backend) as model:
+        spy = Spy(model)
+        result = model.run(deployed.x, PredictOptions(threshold=ths))
+        later = int((sim.exits == 4).sum())
+        assert spy.calls == [("segment1", len(deployed.x)), ("span2-4", later)]
+        assert 0 < later < len(deployed.x)
+        assert (result.exits == sim.exits).all()
+        assert (result.indices == sim.predictions).all()
+        backend_class = type(model.backend)
+    # A backend that cannot join segments (TensorRT engines) runs them one by one and
+    # ignores the logits of the exits that are off: the same answers.
+    monkeypatch.setattr(backend_class, "joins_segments", False)
+    with load(deployed.root, backend) as model:
+        spy = Spy(model)
+        again = model.run(deployed.x, PredictOptions(threshold=ths))
+        assert spy.calls == [("segment1", len(deployed.x))] + [
+            (f"segment{k}", later) for k in (2, 3, 4)]
+        assert (again.exits == result.exits).all()
+        assert (again.indices == result.indices).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -414,9 +447,20 @@ def test_calibrate_command_writes_thresholds_and_keeps_the_rest(
                                  "--flops-budget", "12M", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "TEST split" in result.output and "dry run" in result.output
+    # A worst-case bound of 1.0 leaves no branch on: every exit off.
+    result = runner.invoke(app, ["calibrate", str(fresh), "--logits", str(deployed.logits_path),
+                                 "--max-drop", "2", "--max-worst-case", "1.0"])
+    assert result.exit_code == 0, result.output
+    assert "worst case <= 1x" in result.output
+    th = load_manifest(fresh).thresholds
+    assert th is not None and all(v > 1 for v in th.values)
+    assert th.expected["worst_case_flops"] == th.expected["deepest_flops"]
+    result = runner.invoke(app, ["calibrate", str(fresh), "--logits", str(deployed.logits_path),
+                                 "--max-worst-case", "0.5"])
+    assert result.exit_code == 2 and "at least 1" in result.output
 
 
-def test_profile_command_stores_every_exit_and_segment(fresh: Path) -> None:
+def test_profile_command_stores_every_exit_segment_and_span(fresh: Path) -> None:
     result = runner.invoke(app, ["profile", str(fresh), "--batch", "1,2", "--warmup", "1",
                                  "--runs", "3", "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -426,8 +470,9 @@ def test_profile_command_stores_every_exit_and_segment(fresh: Path) -> None:
         assert p.backend == "onnxruntime" and p.device.startswith("cpu")
         assert [e["exit"] for e in p.exits] == [1, 2, 3, 4]
         for e in p.exits:
-            for what in ("truncated", "segment"):
-                s = e[what]
+            stats = [e["truncated"], e["segment"], *e.get("spans", {}).values()]
+            assert sorted(e.get("spans", {})) == [str(i) for i in range(1, e["exit"])]
+            for s in stats:
                 assert s["runs"] == 3 and 0 < s["p50"] <= s["p90"] <= s["p99"]
     # Profiling again replaces rather than piles up.
     runner.invoke(app, ["profile", str(fresh), "--batch", "1", "--warmup", "0", "--runs", "1"])

@@ -141,6 +141,9 @@ def calibrate_command(
     latency_budget_ms: Annotated[float | None, typer.Option(
         help="Expected latency per sample (needs `byot-edge profile`): the best accuracy "
              "within it.")] = None,
+    max_worst_case: Annotated[float | None, typer.Option(
+        help="Also bound a sample that no exit lets go, as a multiple of the deepest exit "
+             "alone (e.g. 1.1): limits which exits' branches may run.")] = None,
     criterion: Annotated[str, typer.Option(help="max_softmax, entropy or margin.")
     ] = "max_softmax",
     temperature: Annotated[bool, typer.Option(
@@ -160,10 +163,11 @@ def calibrate_command(
         cal = calibrate_manifest(
             manifest, logits, criterion=criterion, temperature=temperature, max_drop=max_drop,
             flops_budget=_flops(flops_budget), latency_budget_ms=latency_budget_ms,
-            backend=backend, plot=plot, write=not dry_run)
+            max_worst_case=max_worst_case, backend=backend, plot=plot, write=not dry_run)
     lat = cal.chosen.latency_ms is not None
     table = Table("candidate", "thresholds", "acc %", "Δ pts", "MFLOPs",
-                  *(["ms"] if lat else []), "% at exits", box=box.SIMPLE_HEAD, pad_edge=False,
+                  *(["ms"] if lat else []), "worst", "% at exits", box=box.SIMPLE_HEAD,
+                  pad_edge=False,
                   title=f"{cal.objective}: {len(cal.candidates)} candidates on "
                         f"{cal.num_samples} samples (frontier, then each exit alone)",
                   caption=f"criterion {cal.criterion}"
@@ -173,6 +177,7 @@ def calibrate_command(
     for col in table.columns[2:]:
         col.no_wrap = True
         col.justify = "right"
+    deepest_worst = cal.exits_alone[-1].worst(cal.metric) or 1.0  # "worst": a multiple of it
     frontier = cal.frontier()
     step = max(1, -(-len(frontier) // max(rows, 1)))
     shown = [c for i, c in enumerate(frontier) if i % step == 0]
@@ -186,6 +191,7 @@ def calibrate_command(
                       f"{100 * c.accuracy:.2f}",
                       f"{100 * (c.accuracy - cal.deepest_accuracy):+.2f}", f"{c.flops / 1e6:.2f}",
                       *([f"{c.latency_ms:.3f}" if c.latency_ms is not None else "-"] if lat else []),
+                      f"{c.worst(cal.metric) / deepest_worst:.2f}x",
                       " ".join(f"{100 * f:.0f}" for f in c.fractions),
                       style="bold green" if chosen else None)
     console.print(table)
@@ -211,7 +217,9 @@ def profile_command(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
 ) -> None:
-    """Time every truncated exit and segment (p50/p90/p99) and store it in the manifest."""
+    """Time every truncated exit, segment and span (p50/p90/p99); store them in the manifest.
+
+    A span i-k is segments i..k joined: what the cascade runs when exits i..k-1 are off."""
     from byot_edge.export.manifest import load_manifest
     from byot_edge.runtime.backends import get_backend
     from byot_edge.runtime.profile import profile_backend, store_profiles
@@ -225,10 +233,13 @@ def profile_command(
     path = store_profiles(m, profiles)
     for p in profiles:
         table = Table("exit", "truncated p50", "p90", "p99", "segment p50", "p90", "p99",
-                      title=f"{p.backend} on {p.device}, batch {p.batch} (ms per batch)")
+                      "spans p50", title=f"{p.backend} on {p.device}, batch {p.batch} "
+                      "(ms per batch)")
         for e in p.exits:
             cells = [f"{e[w][s]:.3f}" if w in e else "-"
                      for w in ("truncated", "segment") for s in ("p50", "p90", "p99")]
-            table.add_row(str(e["exit"]), *cells)
+            spans = " ".join(f"{i}-{e['exit']}: {v['p50']:.3f}"
+                             for i, v in e.get("spans", {}).items())
+            table.add_row(str(e["exit"]), *cells, spans or "-")
         console.print(table)
     console.print(f"stored {len(profiles)} profile(s) in {path}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from byot_edge.errors import ByotError
+from byot_edge.export.join import LOGITS
 from byot_edge.models import MultiExitNet
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 # every TensorRT 10 parser (10.3 on JetPack 6 reads opsets 9..20).
 DEFAULT_OPSET = 18
 INPUT = "image"
-LOGITS = "logits"
 BATCH_AXIS = "batch"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 Exporter = Literal["auto", "dynamo", "torchscript"]

@@ -146,12 +146,20 @@ class MultiExitNet(nn.Module):
 
     def segments(self) -> list[Segment]:
         """K modules; chained, segment k's first output feeds segment k+1."""
+        return [self.span(k, k) for k in range(1, self.num_exits + 1)]
+
+    def span(self, first: int, last: int) -> Segment:
+        """Segments first..last as one module, without the branches of exits first..last-1:
+        section first-1's output (the image for first = 1) -> section last's output and exit
+        last's logits (the logits only when last is the deepest exit)."""
         k_max = self.num_exits
-        return [
-            Segment(self.stem if k == 1 else nn.Identity(), self.sections[k - 1],
-                    self.heads[k - 1], last=k == k_max)
-            for k in range(1, k_max + 1)
-        ]
+        if not 1 <= first <= last <= k_max:
+            raise ValueError(f"span {first}..{last} is not within exits 1..{k_max}")
+        before = [self.stem] if first == 1 else []
+        before += [self.sections[k - 1] for k in range(first, last)]
+        prefix = nn.Identity() if not before else before[0] if len(before) == 1 else (
+            nn.Sequential(*before))
+        return Segment(prefix, self.sections[last - 1], self.heads[last - 1], last=last == k_max)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         c, s = self.config.in_chans, self.config.input_size

@@ -9,7 +9,9 @@
 
 The cascade runs segment 1 on the whole batch, answers the samples the policy lets go,
 runs segment 2 on the rest only (the batch is compacted; answers keep the input order),
-and so on. `run` returns arrays and what was run (for servers and benchmarks);
+and so on. Exits whose threshold is off are skipped, branches included: where the backend
+joins segments (ONNX Runtime, PyTorch), the sections up to the next exit that is on run as
+one span. `run` returns arrays and what was run (for servers and benchmarks);
 `predict` returns one `Prediction` per sample.
 """
 
@@ -25,14 +27,24 @@ from typing import Any
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import Manifest, load_manifest
-from byot_edge.runtime.backends import EXIT, SEGMENT, Backend, artifact_name, get_backend
+from byot_edge.export.manifest import Manifest, Thresholds, load_manifest
+from byot_edge.runtime.backends import (
+    EXIT,
+    SEGMENT,
+    ArtifactIO,
+    Backend,
+    artifact_name,
+    get_backend,
+    span_name,
+)
 from byot_edge.runtime.policies import (
+    NEVER,
     ConfidenceThresholds,
     Deadline,
     Policy,
     Step,
     deepest_exit_within,
+    exits_to_compute,
     softmax,
 )
 from byot_edge.runtime.preprocess import check_batch
@@ -102,6 +114,8 @@ class AnytimeModel:
         self.manifest = manifest
         self.backend = backend
         self._warned: set[str] = set()
+        self._plans: dict[tuple[int, ...], list[tuple[int, list[str], list[ArtifactIO]]]] = {}
+        self._calibrated: tuple[Thresholds, ConfidenceThresholds] | None = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
@@ -155,11 +169,13 @@ class AnytimeModel:
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
         return result
 
-    def run_policy(self, batch: Any, policy: Policy) -> CascadeResult:
-        """The segment cascade under any policy (a custom one, or thresholds that are all
-        off, to measure the worst case of every sample reaching the deepest exit)."""
+    def run_policy(self, batch: Any, policy: Policy,
+                   plan: Sequence[int] | None = None) -> CascadeResult:
+        """The cascade under any policy. `plan` lists the exits whose logits are computed
+        (default: those the policy can answer from); with thresholds that are all off and
+        a calibrated plan, it measures the worst case: every sample through every step."""
         x = check_batch(batch, self.manifest.input)
-        return self._cascade(x, policy, PredictOptions(), [])
+        return self._cascade(x, policy, PredictOptions(), [], plan)
 
     def threshold_policy(self, threshold: float | Sequence[float] | None = None,
                          criterion: str | None = None) -> ConfidenceThresholds | None:
@@ -173,7 +189,10 @@ class AnytimeModel:
             if criterion is not None and criterion != cal.criterion:
                 raise ByotError(f"the manifest's thresholds are for {cal.criterion}; pass "
                                 f"threshold along with criterion {criterion!r}")
-            return ConfidenceThresholds.for_model(cal.values, self.num_exits, cal.criterion, temps)
+            if self._calibrated is None or self._calibrated[0] is not cal:  # built once
+                self._calibrated = (cal, ConfidenceThresholds.for_model(
+                    cal.values, self.num_exits, cal.criterion, temps))
+            return self._calibrated[1]
         crit = criterion or (cal.criterion if cal else "max_softmax")
         return ConfidenceThresholds.for_model(threshold, self.num_exits, crit, temps)
 
@@ -181,8 +200,13 @@ class AnytimeModel:
         """Load every artifact and run each once, so the first request is not the slow one."""
         x = np.zeros((batch_size, *self.manifest.input.shape), self.manifest.input.dtype)
         if self._has_segments():
-            self._cascade(x, ConfidenceThresholds.for_model(2.0, self.num_exits),
-                          PredictOptions(), [])
+            never = ConfidenceThresholds.for_model(NEVER, self.num_exits)
+            plans = {tuple(range(1, self.num_exits + 1))}
+            calibrated = self.threshold_policy()
+            if calibrated is not None:
+                plans.add(calibrated.active_exits(self.num_exits))
+            for plan in sorted(plans):
+                self._cascade(x, never, PredictOptions(), [], plan)
         for k in range(1, self.num_exits + 1):
             if self.backend.has(artifact_name(EXIT, k)):
                 self._fixed(x, k, "exit")
@@ -222,11 +246,12 @@ class AnytimeModel:
                              np.zeros(n, np.int64), np.zeros(n, np.float64), mode)
 
     def _fixed(self, x: np.ndarray, k: int, mode: str) -> CascadeResult:
-        """Exit k for everyone: its truncated file in one call, else segments 1..k."""
+        """Exit k for everyone: its truncated file in one call, else segments 1..k (joined
+        into one span where the backend can)."""
         result = self._empty(len(x), mode)
-        trunc = artifact_name(EXIT, k)
-        names = ([trunc] if self.backend.has(trunc)
-                 else [artifact_name(SEGMENT, j) for j in range(1, k + 1)])
+        names = next(([name] for name in (artifact_name(EXIT, k), span_name(1, k))
+                      if self.backend.has(name)),
+                     [artifact_name(SEGMENT, j) for j in range(1, k + 1)])
         ios = [self.backend.load(name) for name in names]  # before the clock starts
         t0 = time.perf_counter()
         h = x
@@ -272,27 +297,48 @@ class AnytimeModel:
             notes.append(note)
         return last_ms
 
+    def _steps(self, plan: Sequence[int]) -> list[tuple[int, list[str], list[ArtifactIO]]]:
+        """(exit, artifacts, their names) per step of a cascade answering only at `plan`'s
+        exits: one span per step where the backend joins segments, else the segments (whose
+        extra logits are then computed and ignored)."""
+        key = tuple(plan)
+        if key not in self._plans:
+            if list(key) != sorted(set(key)) or key[-1] != self.num_exits or key[0] < 1:
+                raise ByotError(f"a cascade plan lists exits in increasing order and ends at "
+                                f"the deepest ({self.num_exits}), got {list(key)}")
+            if not self._has_segments():
+                missing = next(k for k in range(1, self.num_exits + 1)
+                               if not self.backend.has(artifact_name(SEGMENT, k)))
+                self.backend.load(artifact_name(SEGMENT, missing))  # raises: re-export hint
+            steps, prev = [], 0
+            for k in key:
+                span = span_name(prev + 1, k)
+                names = ([span] if self.backend.has(span)
+                         else [artifact_name(SEGMENT, j) for j in range(prev + 1, k + 1)])
+                steps.append((k, names, [self.backend.load(n) for n in names]))
+                prev = k
+            self._plans[key] = steps
+        return self._plans[key]
+
     def _cascade(self, x: np.ndarray, policy: Policy, options: PredictOptions,
-                 notes: list[str]) -> CascadeResult:
-        if not self._has_segments():
-            missing = next(k for k in range(1, self.num_exits + 1)
-                           if not self.backend.has(artifact_name(SEGMENT, k)))
-            self.backend.load(artifact_name(SEGMENT, missing))  # raises with the re-export hint
+                 notes: list[str], plan: Sequence[int] | None = None) -> CascadeResult:
         deadline = isinstance(policy, Deadline)
-        result = self._empty(len(x), "deadline" if deadline else "cascade")
-        names = [artifact_name(SEGMENT, k) for k in range(1, self.num_exits + 1)]
-        ios = [self.backend.load(name) for name in names]  # before the clock starts
         num_exits = self.num_exits
+        steps = self._steps(plan or exits_to_compute(policy, num_exits))  # loads, untimed
+        result = self._empty(len(x), "deadline" if deadline else "cascade")
         active = np.arange(len(x))
         h = x
         t0 = time.perf_counter()
-        for k, (name, io) in enumerate(zip(names, ios, strict=True), start=1):
+        for k, names, ios in steps:
             t_seg = time.perf_counter()
-            out = self.backend.run(name, {io.input: h})
-            result.calls.append((name, len(active)))
+            for name, io in zip(names, ios, strict=True):
+                out = self.backend.run(name, {io.input: h})
+                result.calls.append((name, len(active)))
+                if io.section is not None:
+                    h = out[io.section]
             now = time.perf_counter()
             elapsed = (now - t0) * 1e3
-            logits = out[io.logits]
+            logits = out[ios[-1].logits]
             if k == num_exits:
                 self._answer(result, active, k, logits, elapsed)
                 break
@@ -304,12 +350,9 @@ class AnytimeModel:
             if answered == len(answer):
                 self._answer(result, active, k, logits, elapsed)
                 break
-            assert io.section is not None
             if answered:
                 self._answer(result, active[answer], k, logits[answer], elapsed)
-                # Compact: only the samples still running go on to the next segment.
+                # Compact: only the samples still running go on to the next step.
                 keep = ~answer
-                h, active = out[io.section][keep], active[keep]
-            else:
-                h = out[io.section]
+                h, active = h[keep], active[keep]
         return result

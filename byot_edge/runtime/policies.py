@@ -138,6 +138,10 @@ class ConfidenceThresholds:
             return _all(step, True)
         return self.scores(step.exit, step.logits) >= self.values[step.exit - 1]
 
+    def active_exits(self, num_exits: int) -> tuple[int, ...]:
+        """The exits that can answer: those switched on, and the deepest."""
+        return (*(k for k, v in enumerate(self.values, start=1) if v <= 1), num_exits)
+
 
 @dataclass(frozen=True)
 class Deadline:
@@ -155,6 +159,14 @@ class Deadline:
                 and step.elapsed_ms + step.next_cost_ms > self.budget_ms):
             return _all(step, True)
         return self.inner(step)
+
+
+def exits_to_compute(policy: Policy, num_exits: int) -> tuple[int, ...]:
+    """The exits whose logits a cascade under `policy` needs: for thresholds, the exits
+    switched on (the branches of the others are skipped); for any other policy, all."""
+    if isinstance(policy, ConfidenceThresholds):
+        return policy.active_exits(num_exits)
+    return tuple(range(1, num_exits + 1))
 
 
 def deepest_exit_within(latency_ms: Sequence[float], budget_ms: float) -> int | None:

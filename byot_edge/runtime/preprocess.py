@@ -24,6 +24,8 @@ def check_batch(batch: Any, spec: InputSpec) -> np.ndarray:
     if not isinstance(batch, np.ndarray):
         raise ByotError(f"expected a numpy array {_expected(spec)}, got {type(batch).__name__}")
     c, h, w = spec.shape
+    if batch.ndim == 4 and tuple(batch.shape[1:]) == (c, h, w) and len(batch):
+        return _checked_values(batch, spec)  # the usual case, without building messages
     want = _expected(spec)
     if batch.ndim == 3 and tuple(batch.shape) == (c, h, w):
         raise ByotError(f"expected a batch {want}, got one image of shape {list(batch.shape)}; "
@@ -39,17 +41,22 @@ def check_batch(batch: Any, spec: InputSpec) -> np.ndarray:
                         "does it from files)")
     if len(batch) == 0:
         raise ByotError(f"the batch is empty; pass at least one sample {want}")
+    return _checked_values(batch, spec)
+
+
+def _checked_values(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """dtype and finiteness of a batch of the right shape."""
     if batch.dtype != np.dtype(spec.dtype):
+        want = _expected(spec)
         hint = (" of raw pixels; normalise them with byot_edge.runtime.preprocess.normalise"
                 if batch.dtype == np.uint8 else f"; cast it with x.astype(np.{spec.dtype})")
         raise ByotError(f"expected {want} normalised with mean {spec.mean} and std {spec.std}, "
                         f"got dtype {batch.dtype}{hint}")
-    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ByotError(f"sample(s) {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} of the "
-                        "batch contain NaN or inf; pass finite, normalised values")
-    return np.ascontiguousarray(batch)
+    if np.isfinite(batch).all():
+        return np.ascontiguousarray(batch)
+    bad = np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
+    raise ByotError(f"sample(s) {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} of the "
+                    "batch contain NaN or inf; pass finite, normalised values")
 
 
 def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""Latency profiles: time every truncated exit and every segment, store them in the manifest.
+"""Latency profiles: time every truncated exit, segment and span; store them in the manifest.
 
 A profile belongs to one backend, one device and one batch size. Entries follow the
-manifest's layout: `{"exit": k, "truncated": {p50, p90, p99, mean, runs}, "segment": {...}}`
-in milliseconds for the whole batch.
+manifest's layout: `{"exit": k, "truncated": {p50, p90, p99, mean, runs}, "segment": {...},
+"spans": {"i": {...}}}` in milliseconds for the whole batch, where span i (i < k) is
+segments i..k joined, as a cascade runs them when exits i..k-1 are off (backends that
+cannot join segments have no spans).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from byot_edge.errors import ByotError
 from byot_edge.export.manifest import LatencyProfile, Manifest
-from byot_edge.runtime.backends import EXIT, SEGMENT, Backend, artifact_name
+from byot_edge.runtime.backends import EXIT, SEGMENT, Backend, artifact_name, span_name
 
 STATS = ("p50", "p90", "p99", "mean")
 Progress = Callable[[str], None]
@@ -50,7 +52,7 @@ def time_call(fn: Callable[[], object], warmup: int = 10, runs: int = 100,
 def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
                     warmup: int = 10, runs: int = 100, max_seconds: float = 10.0,
                     progress: Progress | None = None, seed: int = 0) -> list[LatencyProfile]:
-    """Time every truncated exit and segment the backend has, at each batch size."""
+    """Time every truncated exit, segment and span the backend has, at each batch size."""
     manifest = backend.manifest
     if not batches or any(b < 1 for b in batches):
         raise ByotError(f"batch sizes must be positive integers, got {list(batches)}")
@@ -60,8 +62,10 @@ def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
         x = rng.standard_normal((b, *manifest.input.shape)).astype(manifest.input.dtype)
         entries = []
         h = x  # segment k's input: section k-1's output for this very batch
+        inputs = {}
         for k in range(1, manifest.num_exits + 1):
             entry: dict[str, object] = {"exit": k}
+            inputs[k] = h
             for kind in (EXIT, SEGMENT):
                 name = artifact_name(kind, k)
                 if not backend.has(name):
@@ -75,6 +79,19 @@ def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
                     warmup, runs, max_seconds)
                 if kind == SEGMENT and io.section is not None:
                     h = backend.run(name, feed)[io.section]
+            spans = {}
+            for first in range(1, k):
+                name = span_name(first, k)
+                if not backend.has(name):
+                    continue
+                io = backend.load(name)
+                feed = {io.input: inputs[first]}
+                if progress:
+                    progress(f"batch {b}: {name}")
+                spans[str(first)] = time_call(lambda name=name, feed=feed: backend.run(name, feed),
+                                              warmup, runs, max_seconds)
+            if spans:
+                entry["spans"] = spans
             entries.append(entry)
         if all(len(e) == 1 for e in entries):
             raise ByotError(f"the manifest has no files the {backend.name} backend can run; "

@@ -14,10 +14,13 @@ from byot_edge.export.manifest import Manifest
 from byot_edge.runtime.backends.base import (
     EXIT,
     SEGMENT,
+    SPAN,
     ArtifactIO,
     Backend,
     artifact_name,
     parse_artifact,
+    parse_span,
+    span_name,
 )
 
 # name -> "module:class", imported on first use.
@@ -51,6 +54,7 @@ def get_backend(name: str, manifest: Manifest, device: str | None = None,
 __all__ = [
     "EXIT",
     "SEGMENT",
+    "SPAN",
     "ArtifactIO",
     "Backend",
     "artifact_name",
@@ -58,4 +62,6 @@ __all__ = [
     "get_backend",
     "list_backends",
     "parse_artifact",
+    "parse_span",
+    "span_name",
 ]

@@ -1,9 +1,13 @@
 """The backend interface: load named artifacts, run them on arrays (Polygraphy-runner style).
 
-An artifact is named `exit{k}` (the network truncated at exit k: image -> logits) or
+An artifact is named `exit{k}` (the network truncated at exit k: image -> logits),
 `segment{k}` (section k-1's output -> section k's output and exit k's logits; the image
-for k = 1, logits only for k = K). Inputs and outputs are numpy arrays keyed by the tensor
-names the manifest records for the file, so the anytime model never hard-codes a name.
+for k = 1, logits only for k = K) or `span{i}-{j}` (segments i..j as one: section i-1's
+output -> section j's output and exit j's logits, without the branches of exits i..j-1; what
+a cascade runs across exits that are switched off). Backends that can join segments at load
+time (ONNX Runtime, PyTorch) have every span; engine-based ones only the segments, and the
+cascade then chains those. Inputs and outputs are numpy arrays keyed by the tensor names
+the manifest records for the file, so the anytime model never hard-codes a name.
 """
 
 from __future__ import annotations
@@ -23,18 +27,35 @@ from byot_edge.export.manifest import FileEntry, Manifest
 
 EXIT = "exit"
 SEGMENT = "segment"
+SPAN = "span"
 _ARTIFACT = re.compile(r"^(exit|segment)([1-9][0-9]*)$")
+_SPAN = re.compile(r"^span([1-9][0-9]*)-([1-9][0-9]*)$")
 
 
 def artifact_name(kind: str, k: int) -> str:
     return f"{kind}{k}"
 
 
+def span_name(first: int, last: int) -> str:
+    """Segments first..last as one artifact; a span of one segment is that segment."""
+    return artifact_name(SEGMENT, last) if first == last else f"{SPAN}{first}-{last}"
+
+
+def parse_span(name: str) -> tuple[int, int] | None:
+    """(first, last) of a span name with first < last, else None."""
+    m = _SPAN.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m and int(m.group(1)) < int(m.group(2)) else None
+
+
 def parse_artifact(name: str) -> tuple[str, int]:
+    """(kind, exit): a span is reported as (SPAN, its last exit)."""
+    span = parse_span(name)
+    if span:
+        return SPAN, span[1]
     m = _ARTIFACT.match(name)
     if not m:
-        raise ByotError(f"unknown artifact {name!r}; artifacts are named exit1..exitK and "
-                        "segment1..segmentK")
+        raise ByotError(f"unknown artifact {name!r}; artifacts are named exit1..exitK, "
+                        "segment1..segmentK and span{i}-{j} (i < j)")
     return m.group(1), int(m.group(2))
 
 
@@ -87,10 +108,13 @@ class Backend(ABC):
     name: ClassVar[str]
     # The manifest file kinds this backend reads for exits and segments (None: no files).
     file_kinds: ClassVar[dict[str, str] | None] = None
+    # Whether `_load` can build span{i}-{j} from segments i..j (see the module docstring).
+    joins_segments: ClassVar[bool] = False
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self._io: dict[str, ArtifactIO] = {}
+        self._has: dict[str, bool] = {}
 
     @property
     @abstractmethod
@@ -108,9 +132,18 @@ class Backend(ABC):
 
     def has(self, artifact: str) -> bool:
         """Whether the manifest provides `artifact` for this backend (without loading it)."""
+        if artifact not in self._has:  # asked on every request: remember the answer
+            self._has[artifact] = self._provides(artifact)
+        return self._has[artifact]
+
+    def _provides(self, artifact: str) -> bool:
         kind, k = parse_artifact(artifact)
         if not 1 <= k <= self.manifest.num_exits:
             return False
+        if kind == SPAN:
+            first, last = parse_span(artifact)  # type: ignore[misc]
+            return self.joins_segments and all(self.has(artifact_name(SEGMENT, j))
+                                               for j in range(first, last + 1))
         if self.file_kinds is None:
             return True
         return self.file_kinds[kind] in self.manifest.exit(k).files
@@ -118,8 +151,12 @@ class Backend(ABC):
     def load(self, artifact: str) -> ArtifactIO:
         """Idempotent; raises ByotError when the artifact is missing or does not match."""
         if artifact not in self._io:
-            _, k = parse_artifact(artifact)
+            kind, k = parse_artifact(artifact)
             self.manifest.exit(k)
+            if kind == SPAN and not self.joins_segments:
+                raise ByotError(f"the {self.name} backend cannot join segments into {artifact}; "
+                                "run its segments one by one (the onnxruntime and torch "
+                                "backends join them)")
             self._io[artifact] = self._load(artifact)
         return self._io[artifact]
 

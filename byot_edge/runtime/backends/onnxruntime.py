@@ -14,8 +14,10 @@ from byot_edge.runtime.backends.base import (
     SEGMENT,
     ArtifactIO,
     Backend,
+    artifact_name,
     cpu_name,
     io_from_entry,
+    parse_span,
 )
 
 _PROVIDERS = {
@@ -36,6 +38,7 @@ def _import_ort() -> Any:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     file_kinds: ClassVar[dict[str, str] | None] = {EXIT: TRUNCATED_ONNX, SEGMENT: SEGMENT_ONNX}
+    joins_segments = True
 
     def __init__(self, manifest: Any, device: str | None = None,
                  threads: int | None = None) -> None:
@@ -76,14 +79,42 @@ class OnnxRuntimeBackend(Backend):
         return f"{tag} ({_gpu_name()})"
 
     def _load(self, artifact: str) -> ArtifactIO:
+        span = parse_span(artifact)
+        if span:
+            return self._load_span(artifact, *span)
         entry, path = self.file_entry(artifact)
+        io = io_from_entry(entry, str(path))
+        self._start(artifact, str(path), io, path)
+        return io
+
+    def _load_span(self, artifact: str, first: int, last: int) -> ArtifactIO:
+        """Segments first..last joined in memory (each file sha256-verified first)."""
+        import onnx
+
+        from byot_edge.export.join import join_segments
+
+        ios, protos = [], []
+        for k in range(first, last + 1):
+            entry, path = self.file_entry(artifact_name(SEGMENT, k))
+            ios.append(io_from_entry(entry, str(path)))
+            try:
+                protos.append(onnx.load(str(path)))
+            except Exception as e:  # protobuf's DecodeError and friends
+                raise ByotError(f"cannot read {path} ({type(e).__name__}); re-export it with "
+                                "`byot-edge export --segments`") from None
+        io = ArtifactIO(ios[0].input, ios[-1].logits, ios[-1].section)
+        where = f"segments {first}..{last} of {self.manifest.root}"
+        self._start(artifact, join_segments(protos).SerializeToString(), io, where)
+        return io
+
+    def _start(self, artifact: str, model: str | bytes, io: ArtifactIO, path: object) -> None:
+        """A session for `model` (a file path or serialised bytes), checked against `io`."""
         try:
-            session = self._ort.InferenceSession(str(path), self._options,
+            session = self._ort.InferenceSession(model, self._options,
                                                  providers=self._providers)
         except Exception as e:  # ORT raises its own untyped errors for a corrupt model
             raise ByotError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:160]}); "
                             "re-export it with `byot-edge export`") from None
-        io = io_from_entry(entry, str(path))
         names_in = [i.name for i in session.get_inputs()]
         names_out = {o.name for o in session.get_outputs()}
         wanted_out = {io.logits} | ({io.section} if io.section else set())
@@ -93,7 +124,6 @@ class OnnxRuntimeBackend(Backend):
                             "it with `byot-edge export`")
         self._sessions[artifact] = (session, [o.name for o in session.get_outputs()])
         self._active = session.get_providers()
-        return io
 
     def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, names = self._sessions[artifact]

@@ -15,18 +15,23 @@ from byot_edge.errors import ByotError
 from byot_edge.export.manifest import SEGMENT_ONNX, TRUNCATED_ONNX, Manifest
 from byot_edge.runtime.backends.base import (
     EXIT,
+    SEGMENT,
+    SPAN,
     ArtifactIO,
     Backend,
+    artifact_name,
     cpu_name,
     default_io,
     io_from_entry,
     parse_artifact,
+    parse_span,
 )
 
 
 class TorchBackend(Backend):
     name = "torch"
     file_kinds = None  # every artifact comes from the one weights file
+    joins_segments = True
 
     def __init__(self, manifest: Manifest, device: str | None = None,
                  threads: int | None = None) -> None:
@@ -74,6 +79,12 @@ class TorchBackend(Backend):
 
     def _load(self, artifact: str) -> ArtifactIO:
         kind, k = parse_artifact(artifact)
+        if kind == SPAN:
+            first, last = parse_span(artifact)  # type: ignore[misc]
+            self._modules[artifact] = self.model.span(first, last)
+            head = self.load(artifact_name(SEGMENT, first))
+            tail = self.load(artifact_name(SEGMENT, last))
+            return ArtifactIO(head.input, tail.logits, tail.section)
         self._modules[artifact] = (self.model.truncate(k) if kind == EXIT
                                    else self._segments[k - 1])
         # Same tensor names as the ONNX files when the manifest has them.
