@@ -126,7 +126,7 @@ def calibrate(args: argparse.Namespace, manifest_path: Path, val_logits: Path) -
     cal = calibrate_manifest(manifest_path, val_logits, criterion=args.criterion,
                              temperature=args.temperature, max_drop=args.max_drop,
                              max_worst_case=args.max_worst_case, backend=args.backend,
-                             plot=args.out / f"{args.report}-calibration.png")
+                             batch=args.batch, plot=args.out / f"{args.report}-calibration.png")
     c = cal.chosen
     say(f"calibrated: thresholds {[round(t, 4) for t in c.thresholds]}, validation accuracy "
         f"{100 * c.accuracy:.2f}% (deepest {100 * cal.deepest_accuracy:.2f}%), exit shares "
@@ -247,7 +247,9 @@ def measure(args: argparse.Namespace, manifest_path: Path, test_logits: Path) ->
     res["device"] = model.backend.device
     res["samples"] = len(x)
     res["plan"] = list(plan)
-    res["cascade_calls"] = sorted({name for name, _ in model.run(x[:args.batch]).calls})
+    # What the calibrated cascade runs, step by step, for a sample that reaches exit K.
+    res["cascade_calls"] = [name for name, _ in model.run_policy(x[:args.batch], never,
+                                                                 plan=plan).calls]
     return res
 
 
@@ -324,6 +326,9 @@ def main() -> None:
         "latency_ratio": c["mean_latency_ms"] / d["mean_latency_ms"],
         "worst_case_ratio": w["mean_latency_ms"] / d["mean_latency_ms"],
     }
+    # Not a target: the compute a batch takes (what a server waits for before it replies to
+    # the whole batch); at batch 1 it is the latency ratio.
+    report["batch_time_ratio"] = c["time_per_sample_ms"] / d["time_per_sample_ms"]
     every = res["worst_case_every_exit"]["mean_latency_ms"] / d["mean_latency_ms"]
     report["targets_met"] = {k: report["ratios"][k] <= v for k, v in TARGETS.items()}
     (args.out / f"{args.report}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -331,7 +336,7 @@ def main() -> None:
 
     print(f"\nCIFAR-10 (JPEG q75) test, {res['samples']} images, batch {args.batch}, "
           f"{args.backend} on {res['device']}")
-    print(f"exits on: {res['plan']}; the cascade runs {', '.join(res['cascade_calls'])}")
+    print(f"exits on: {res['plan']}; the cascade runs {' then '.join(res['cascade_calls'])}")
     print(f"{'':22} {'accuracy':>9} {'mean ms':>9} {'p90 ms':>8} {'exit shares':>24}")
     for m in ("cascade", "deepest", "worst_case", "worst_case_every_exit"):
         r = res[m]
@@ -342,6 +347,9 @@ def main() -> None:
         met = "met" if report["targets_met"][k] else "NOT met"
         print(f"{k:22} {v:7.3f}   target <= {TARGETS[k]:.2f}: {met}")
     print(f"worst case with every exit on (for reference): {every:.3f}x the full network")
+    if args.batch > 1:
+        print(f"batch wall time, cascade / deepest: {report['batch_time_ratio']:.3f} (mean ms "
+              "above: when each sample was answered, from its batch's start)")
     print(f"test replay mismatches: {res['test_replay_mismatches']}")
     print(f"wrote {args.out}/{args.report}.json, .png and -calibration.png")
 

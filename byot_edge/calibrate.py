@@ -135,6 +135,9 @@ class Costs:
     branch_flops: list[float] | None = None  # per exit 1..K-1; None: not counted
     # (first, last) -> ms per sample of segments first..last joined (first < last)
     span_latency: dict[tuple[int, int], float] = field(default_factory=dict)
+    # ms per sample the runtime spends per step besides the backend call (measured by the
+    # profile); already included in the latencies above
+    step_overhead_ms: float = 0.0
 
     def plan_costs(self, plan: Sequence[int], metric: str) -> list[float]:
         """Per exit k (index k-1) in `plan` (the exits that are on, ending at the deepest):
@@ -185,9 +188,11 @@ def segment_flops(manifest: Manifest) -> tuple[list[float], list[float]]:
     return sections, branches
 
 
-def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "p50") -> Costs:
+def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "p50",
+                   batch: int | None = None) -> Costs:
     """FLOPs always; latency too when the manifest holds a profile (of `backend`, if named).
-    Latency is per sample, from the smallest profiled batch (batch 1 is the anytime case)."""
+    Latency is per sample, from the profile at `batch`, else the smallest profiled batch
+    (batch 1 is the anytime case; a server batching requests is priced at its own batch)."""
     notes: list[str] = []
     alone = [float(e.flops) for e in manifest.exits]
     branches: list[float] | None = None
@@ -204,24 +209,40 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
         notes.append(f"the manifest has no latency profile for {backend}; costs are FLOPs")
     lat_cascade = lat_alone = None
     spans: dict[tuple[int, int], float] = {}
+    overhead = 0.0
     source = ""
+    if batch is not None and profiles and all(p.batch != batch for p in profiles):
+        have = sorted({p.batch for p in profiles})
+        raise ByotError(f"the manifest has no latency profile at batch {batch} (it has batch "
+                        f"{', '.join(map(str, have))}); run `byot-edge profile --batch {batch}` "
+                        "first, or pick one of those")
     if profiles:
-        smallest = min(p.batch for p in profiles)
-        p = max((p for p in profiles if p.batch == smallest), key=lambda p: p.created)
+        size = batch if batch is not None else min(p.batch for p in profiles)
+        p = max((p for p in profiles if p.batch == size), key=lambda p: p.created)
         entries = sorted(p.exits, key=lambda e: e["exit"])
         if all("segment" in e for e in entries):
             seg = [e["segment"][stat] / p.batch for e in entries]
-            lat_cascade = list(np.cumsum(seg))
-            lat_alone = [e["truncated"][stat] / p.batch if "truncated" in e else c
+            # Every step and every single-exit call also pays the runtime's own time: the
+            # profiled cascade through every segment, less the segments, per step.
+            runtime = entries[-1].get("cascade")
+            overhead = (max(0.0, runtime[stat] / p.batch - sum(seg)) / len(seg)
+                        if runtime else 0.0)
+            lat_cascade = list(np.cumsum(np.add(seg, overhead)))
+            lat_alone = [e["truncated"][stat] / p.batch + overhead if "truncated" in e else c
                          for e, c in zip(entries, lat_cascade, strict=True)]
-            spans = {(int(first), e["exit"]): v[stat] / p.batch
+            spans = {(int(first), e["exit"]): v[stat] / p.batch + overhead
                      for e in entries for first, v in e.get("spans", {}).items()}
             source = f"{p.backend} on {p.device}, batch {p.batch}, {stat}"
+            if runtime:
+                source += f", {overhead * p.batch:.3g} ms of runtime per step"
+            else:
+                notes.append("the latency profile predates runtime timing: costs leave out the "
+                             "runtime's time per step; re-run `byot-edge profile`")
         else:
             notes.append("the latency profile has no segment timings; costs are FLOPs "
                          "(re-export with --segments and re-run `byot-edge profile`)")
     return Costs([float(c) for c in cascade], alone, lat_cascade, lat_alone, source, notes,
-                 branches, spans)
+                 branches, spans, overhead)
 
 
 # -- search ------------------------------------------------------------------------------
@@ -582,7 +603,8 @@ def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
                        max_drop: float | None = None, flops_budget: float | None = None,
                        latency_budget_ms: float | None = None,
                        max_worst_case: float | None = None, backend: str | None = None,
-                       plot: str | Path | None = None, write: bool = True) -> Calibration:
+                       batch: int | None = None, plot: str | Path | None = None,
+                       write: bool = True) -> Calibration:
     """Load, calibrate, write the thresholds into the manifest, optionally plot."""
     manifest = load_manifest(manifest_path)
     val = load_logits(logits_path)
@@ -590,7 +612,7 @@ def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
         raise ByotError(f"{val.path} has {val.logits.shape[2]} classes but the manifest has "
                         f"{len(manifest.class_names)}; evaluate the checkpoint it was exported "
                         "from")
-    cal = calibrate(val, manifest_costs(manifest, backend), criterion=criterion,
+    cal = calibrate(val, manifest_costs(manifest, backend, batch=batch), criterion=criterion,
                     temperature=temperature, max_drop=max_drop, flops_budget=flops_budget,
                     latency_budget_ms=latency_budget_ms, max_worst_case=max_worst_case)
     if val.dataset and manifest.dataset and val.dataset != manifest.dataset:

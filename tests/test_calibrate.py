@@ -210,6 +210,25 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.branch_flops is not None and len(costs.branch_flops) == 3
     assert all(b > 0 for b in costs.branch_flops)
     assert manifest_costs(m, backend="tensorrt").latency_cascade is None
+    # A server batching requests prices the cascade at its own batch size.
+    at8 = manifest_costs(m, batch=8)
+    assert at8.latency_cascade == pytest.approx([0.125, 0.375, 0.75, 1.25])
+    assert "batch 8" in at8.latency_source
+    with pytest.raises(ByotError, match=r"no latency profile at batch 4.*batch 2, 8"):
+        manifest_costs(m, batch=4)
+    assert any("predates runtime timing" in n for n in costs.notes)
+    # The runtime's time per step (its cascade less the segments, per step) is priced into
+    # every step and every single-exit call.
+    timed = [dict(e) for e in entries]
+    timed[-1]["cascade"] = {"p50": 10.0 + 4 * 0.5}  # segments take 1+2+3+4 = 10
+    m.latency_profiles = [LatencyProfile("onnxruntime", "cpu (x)", 2, timed, "t1")]
+    costs = manifest_costs(m)
+    assert costs.step_overhead_ms == pytest.approx(0.25)  # 0.5 ms per step, batch 2
+    assert costs.latency_cascade == pytest.approx([0.75, 2.0, 3.75, 6.0])
+    assert costs.latency_alone == pytest.approx([1.25, 2.25, 3.25, 4.25])
+    assert costs.span_latency[(1, 4)] == pytest.approx(2.05)
+    assert "0.5 ms of runtime per step" in costs.latency_source
+    assert not any("predates" in n for n in costs.notes)
 
 
 def test_exits_that_are_off_cost_no_branch_and_spans_their_profiled_time() -> None:

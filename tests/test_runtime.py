@@ -460,7 +460,8 @@ def test_calibrate_command_writes_thresholds_and_keeps_the_rest(
     assert result.exit_code == 2 and "at least 1" in result.output
 
 
-def test_profile_command_stores_every_exit_segment_and_span(fresh: Path) -> None:
+def test_profile_command_stores_every_exit_segment_and_span(deployed: Deployed,
+                                                             fresh: Path) -> None:
     result = runner.invoke(app, ["profile", str(fresh), "--batch", "1,2", "--warmup", "1",
                                  "--runs", "3", "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -474,6 +475,19 @@ def test_profile_command_stores_every_exit_segment_and_span(fresh: Path) -> None
             assert sorted(e.get("spans", {})) == [str(i) for i in range(1, e["exit"])]
             for s in stats:
                 assert s["runs"] == 3 and 0 < s["p50"] <= s["p90"] <= s["p99"]
+        # The runtime's own cascade through every segment, recorded on the deepest exit.
+        assert [("cascade" in e) for e in p.exits] == [False, False, False, True]
+        runtime = p.exits[-1]["cascade"]
+        assert runtime["runs"] == 3 and runtime["p50"] > 0
+    assert "the runtime's cascade through every segment" in result.output
     # Profiling again replaces rather than piles up.
     runner.invoke(app, ["profile", str(fresh), "--batch", "1", "--warmup", "0", "--runs", "1"])
     assert [p.batch for p in load_manifest(fresh).latency_profiles] == [2, 1]
+    # Calibration prices the cascade with the profile at the batch it is asked for.
+    result = runner.invoke(app, ["calibrate", str(fresh), "--logits", str(deployed.logits_path),
+                                 "--batch", "2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "batch 2" in result.output
+    result = runner.invoke(app, ["calibrate", str(fresh), "--logits", str(deployed.logits_path),
+                                 "--batch", "7", "--dry-run"])
+    assert result.exit_code != 0 and "no latency profile at batch 7" in result.output

@@ -150,6 +150,9 @@ def calibrate_command(
         help="Fit a temperature per exit on the logits first.")] = False,
     backend: Annotated[str | None, typer.Option(
         help="Whose latency profile gives the costs (default: any; FLOPs without one).")] = None,
+    batch: Annotated[int | None, typer.Option(
+        help="Price the cascade with the profile at this batch size (default: the smallest "
+             "profiled).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write accuracy vs cost curves to this PNG.")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Show the choice; leave the manifest alone.")
@@ -163,7 +166,8 @@ def calibrate_command(
         cal = calibrate_manifest(
             manifest, logits, criterion=criterion, temperature=temperature, max_drop=max_drop,
             flops_budget=_flops(flops_budget), latency_budget_ms=latency_budget_ms,
-            max_worst_case=max_worst_case, backend=backend, plot=plot, write=not dry_run)
+            max_worst_case=max_worst_case, backend=backend, batch=batch, plot=plot,
+            write=not dry_run)
     lat = cal.chosen.latency_ms is not None
     table = Table("candidate", "thresholds", "acc %", "Δ pts", "MFLOPs",
                   *(["ms"] if lat else []), "worst", "% at exits", box=box.SIMPLE_HEAD,
@@ -241,5 +245,9 @@ def profile_command(
             spans = " ".join(f"{i}-{e['exit']}: {v['p50']:.3f}"
                              for i, v in e.get("spans", {}).items())
             table.add_row(str(e["exit"]), *cells, spans or "-")
+        runtime = p.exits[-1].get("cascade")
+        if runtime:
+            table.caption = (f"the runtime's cascade through every segment, no early answer: "
+                             f"{runtime['p50']:.3f} ms p50, {runtime['p90']:.3f} p90")
         console.print(table)
     console.print(f"stored {len(profiles)} profile(s) in {path}")

@@ -4,7 +4,10 @@ A profile belongs to one backend, one device and one batch size. Entries follow 
 manifest's layout: `{"exit": k, "truncated": {p50, p90, p99, mean, runs}, "segment": {...},
 "spans": {"i": {...}}}` in milliseconds for the whole batch, where span i (i < k) is
 segments i..k joined, as a cascade runs them when exits i..k-1 are off (backends that
-cannot join segments have no spans).
+cannot join segments have no spans). The deepest exit's entry also has `"cascade"`: the
+runtime's own cascade through every segment with no sample answered early (its worst case
+with every exit on), so the time the runtime spends between backend calls (input checks,
+the policy, answers, compaction) is measured too; calibration prices it per step.
 """
 
 from __future__ import annotations
@@ -93,12 +96,32 @@ def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
             if spans:
                 entry["spans"] = spans
             entries.append(entry)
+        if progress:
+            progress(f"batch {b}: the runtime's cascade")
+        cascade = _time_cascade(backend, x, warmup, runs, max_seconds)
+        if cascade is not None:
+            entries[-1]["cascade"] = cascade
         if all(len(e) == 1 for e in entries):
             raise ByotError(f"the manifest has no files the {backend.name} backend can run; "
                             "export them first with `byot-edge export`")
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         profiles.append(LatencyProfile(backend.name, backend.device, b, entries, created))
     return profiles
+
+
+def _time_cascade(backend: Backend, x: np.ndarray, warmup: int, runs: int,
+                  max_seconds: float) -> dict[str, float] | None:
+    """The anytime model's worst case with every exit on; None without every segment."""
+    from byot_edge.runtime.anytime import AnytimeModel  # deferred: it imports this module
+    from byot_edge.runtime.policies import NEVER, ConfidenceThresholds
+
+    num_exits = backend.manifest.num_exits
+    if not all(backend.has(artifact_name(SEGMENT, k)) for k in range(1, num_exits + 1)):
+        return None
+    model = AnytimeModel(backend.manifest, backend)
+    never = ConfidenceThresholds.for_model(NEVER, num_exits)
+    plan = tuple(range(1, num_exits + 1))
+    return time_call(lambda: model.run_policy(x, never, plan=plan), warmup, runs, max_seconds)
 
 
 def store_profiles(manifest: Manifest, profiles: Sequence[LatencyProfile]) -> Path:
