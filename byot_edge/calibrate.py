@@ -256,7 +256,8 @@ class Candidate:
     flops: float  # expected per sample
     latency_ms: float | None
     fractions: tuple[float, ...]  # share of samples answered at each exit 1..K
-    # What a sample that no exit lets go costs (the cascade's worst case)
+    # What the slowest sample costs: one that no exit lets go before the first exit that
+    # answers everyone (threshold 0), else the deepest (the cascade's worst case)
     worst_flops: float = 0.0
     worst_latency_ms: float | None = None
 
@@ -317,12 +318,15 @@ class _Evaluator:
         counts = np.bincount(e, minlength=self.num_exits)
         acc = float(self.correct[e, np.arange(self.n)].mean())
         plan = (*(k for k, t in enumerate(key, start=1) if t <= 1), self.num_exits)
+        # Scores are >= 0: past an exit with threshold 0 no sample goes on.
+        last = next((k for k, t in enumerate(key, start=1) if t <= 0), self.num_exits)
         flops_at = self._plan_costs(plan, "flops")
-        flops, worst_flops = float(counts @ np.asarray(flops_at)) / self.n, flops_at[-1]
+        flops, worst_flops = float(counts @ np.asarray(flops_at)) / self.n, flops_at[last - 1]
         latency = worst_latency = None
         if self.costs.latency_cascade is not None:
             latency_at = self._plan_costs(plan, "latency")
-            latency, worst_latency = float(counts @ np.asarray(latency_at)) / self.n, latency_at[-1]
+            latency = float(counts @ np.asarray(latency_at)) / self.n
+            worst_latency = latency_at[last - 1]
         if all(t > 1 for t in key):  # all off: the runtime runs the full network alone
             flops = worst_flops = self.costs.flops_alone[-1]
             latency = worst_latency = (self.costs.latency_alone[-1] if self.costs.latency_alone

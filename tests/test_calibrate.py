@@ -254,10 +254,16 @@ def test_exits_that_are_off_cost_no_branch_and_spans_their_profiled_time() -> No
             continue  # the runtime runs the truncated network alone
         plan = (*(k for k, t in enumerate(c.thresholds, start=1) if t <= 1), 3)
         e = exits_for_thresholds(scores, c.thresholds)
+        # The slowest sample stops at the first exit that answers everyone (threshold 0).
+        last = next((k for k, t in enumerate(c.thresholds, start=1) if t <= 0), 3)
         for metric in ("latency", "flops"):
-            want = np.asarray(costs.plan_costs(plan, metric))[e].mean()
-            assert c.cost(metric) == pytest.approx(want)
+            at = np.asarray(costs.plan_costs(plan, metric))
+            assert c.cost(metric) == pytest.approx(at[e].mean())
+            assert c.worst(metric) == pytest.approx(at[last - 1])
+            assert c.worst(metric) >= at[e].max() - 1e-12
     assert any(t > 1 for c in cal.candidates for t in c.thresholds[:1])
+    assert any(0 < t <= 1 for c in cal.candidates for t in c.thresholds[1:])
+    assert any(t <= 0 for c in cal.candidates for t in c.thresholds[1:])
 
 
 def test_a_worst_case_bound_limits_which_branches_run() -> None:

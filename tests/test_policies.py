@@ -128,3 +128,14 @@ def test_simulation_matches_vectorised_rule(seed: int, criterion: str) -> None:
     # Each step runs only the samples that were not answered before.
     reached = [(exits >= k).sum() for k in range(1, 5)]
     assert [n for _, n in sim.steps] == [r for r in reached if r > 0]
+
+
+def test_worst_case_keeps_only_the_exits_that_answer_everyone() -> None:
+    th = ConfidenceThresholds((0.7, NEVER, 0.0, 0.4), "margin", (1.0, 2.0, 1.0, 1.0, 1.0))
+    worst = th.worst_case()
+    assert worst.values == (NEVER, NEVER, 0.0, NEVER)
+    assert (worst.criterion, worst.temperatures) == (th.criterion, th.temperatures)
+    assert th.active_exits(5) == (1, 3, 4, 5)
+    # Replayed on any logits, every sample leaves at exit 3, the first that answers all.
+    logits = np.random.default_rng(0).standard_normal((5, 50, 10)) * 5
+    assert (simulate(logits, worst).exits == 3).all()

@@ -185,6 +185,13 @@ def test_cascade_stops_early_and_compacts_the_batch(deployed: Deployed) -> None:
     full = model.run(deployed.x, PredictOptions(threshold=NEVER))
     assert spy.calls == [("exit4", n)]
     assert (full.indices == worst.indices).all()
+    # The slowest path of a cascade whose exit 3 answers everyone (threshold 0) ends there.
+    spy.calls.clear()
+    stops_at_3 = ConfidenceThresholds.for_model([0.5, NEVER, 0.0], 4)
+    slowest = model.run_policy(deployed.x, stops_at_3.worst_case(),
+                               plan=stops_at_3.active_exits(4))
+    assert spy.calls == [("segment1", n), ("span2-3", n)]
+    assert (slowest.exits == 3).all()
     # Median thresholds: each segment runs only on the samples still undecided.
     spy.calls.clear()
     ths = median_thresholds(deployed.logits)

@@ -138,6 +138,13 @@ class ConfidenceThresholds:
             return _all(step, True)
         return self.scores(step.exit, step.logits) >= self.values[step.exit - 1]
 
+    def worst_case(self) -> ConfidenceThresholds:
+        """The same cascade for a sample that every exit it can pass lets go: thresholds
+        that could answer it become NEVER; those at or below 0 (answer everyone) stay.
+        Run it with this policy's `active_exits` as the plan, to time the slowest path."""
+        values = tuple(NEVER if v > 0 else v for v in self.values)
+        return ConfidenceThresholds(values, self.criterion, self.temperatures)
+
     def active_exits(self, num_exits: int) -> tuple[int, ...]:
         """The exits that can answer: those switched on, and the deepest."""
         return (*(k for k, v in enumerate(self.values, start=1) if v <= 1), num_exits)
