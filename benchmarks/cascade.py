@@ -7,8 +7,9 @@ On CIFAR-10 (JPEG q75), with a model trained at CPU scale:
   the exits that are on included, to exit K or to the first exit whose threshold 0 answers
   everyone) against the full network; and, for reference, every exit on up to exit K.
 Targets: <= 0.5 points below the deepest exit at <= half its mean latency; worst case
-<= 1.10x the full network. The three are measured interleaved, batch by batch, in one run,
-so machine noise hits them alike; the ratios are what to compare.
+<= 1.10x the full network. The three are measured interleaved, block by block, in one run,
+so machine noise hits them alike; the ratios are what to compare. Each mode runs `--block`
+batches in a row (as a deployment serving it would), then the next mode takes its turn.
 
 It also checks, on the validation images, that the runtime's cascade (ONNX Runtime and
 PyTorch) gives exactly the exits and predictions that replaying the recorded validation
@@ -213,17 +214,23 @@ def measure(args: argparse.Namespace, manifest_path: Path, test_logits: Path) ->
     exits = {m: [] for m in modes}
     preds = {m: [] for m in modes}
     names = list(modes)
-    batches = range(0, len(x), args.batch)
-    say(f"measuring {len(x)} test images, batch {args.batch}, on {model.backend.device}")
-    for j, i in enumerate(batches):
-        xb = x[i:i + args.batch]
+    starts = list(range(0, len(x), args.batch))
+    # Each mode runs `--block` batches in a row, as a deployment serving it would (switching
+    # modes every batch would time every session with cold caches); the modes take turns,
+    # block by block, so drifts in machine load hit them alike.
+    blocks = [starts[i:i + args.block] for i in range(0, len(starts), args.block)]
+    say(f"measuring {len(x)} test images, batch {args.batch}, blocks of {args.block} batches, "
+        f"on {model.backend.device}")
+    for j, block in enumerate(blocks):
         for m in names[j % len(names):] + names[:j % len(names)]:  # no mode always runs first
-            t0 = time.perf_counter()
-            r = modes[m](xb)
-            wall[m].append((time.perf_counter() - t0) * 1e3)
-            answer[m].append(r.latency_ms)
-            exits[m].append(r.exits)
-            preds[m].append(r.indices)
+            for i in block:
+                xb = x[i:i + args.batch]
+                t0 = time.perf_counter()
+                r = modes[m](xb)
+                wall[m].append((time.perf_counter() - t0) * 1e3)
+                answer[m].append(r.latency_ms)
+                exits[m].append(r.exits)
+                preds[m].append(r.indices)
     res: dict[str, Any] = {}
     for m in names:
         p, e = np.concatenate(preds[m]), np.concatenate(exits[m])
@@ -298,6 +305,9 @@ def main() -> None:
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--batch", type=int, default=1, help="batch size of the latency runs")
     p.add_argument("--limit", type=int, default=None, help="test images to measure")
+    p.add_argument("--block", type=int, default=50,
+                   help="batches each mode runs in a row before the next takes its turn "
+                        "(1: switch every batch, every session timed cold)")
     p.add_argument("--max-drop", type=float, default=0.5)
     p.add_argument("--max-worst-case", type=float, default=None,
                    help="calibrate with this worst-case bound (x the deepest exit), e.g. 1.1")
@@ -315,7 +325,7 @@ def main() -> None:
     val_logits, test_logits = logits(args, ckpt, "val"), logits(args, ckpt, "test")
     manifest = export(args, ckpt)
     profile(args, manifest)
-    report: dict[str, Any] = {"checkpoint": str(ckpt), "batch": args.batch,
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "batch": args.batch, "block": args.block,
                               "backend": args.backend, "targets": TARGETS}
     report["calibration"] = calibrate(args, manifest, val_logits)
     if not args.skip_replay_check:
