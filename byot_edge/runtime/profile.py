@@ -116,9 +116,9 @@ def _time_cascade(backend: Backend, x: np.ndarray, warmup: int, runs: int,
     from byot_edge.runtime.policies import NEVER, ConfidenceThresholds
 
     num_exits = backend.manifest.num_exits
-    if not all(backend.has(artifact_name(SEGMENT, k)) for k in range(1, num_exits + 1)):
-        return None
     model = AnytimeModel(backend.manifest, backend)
+    if not model.has_segments():
+        return None
     never = ConfidenceThresholds.for_model(NEVER, num_exits)
     plan = tuple(range(1, num_exits + 1))
     return time_call(lambda: model.run_policy(x, never, plan=plan), warmup, runs, max_seconds)
