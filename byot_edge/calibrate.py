@@ -6,7 +6,9 @@ offline replay of the cascade (`exits_for_thresholds`, the runtime's own rule) f
 accuracy and its expected cost per sample: FLOPs of the segments each sample runs, or their
 measured latency when the manifest holds a profile. An exit whose threshold is off costs
 nothing beyond its section: the runtime skips its branch (and, where it can, runs the
-sections up to the next exit that is on as one span, whose profiled time is used).
+sections up to the next exit that is on as one span). The exits that are on make the
+candidate's plan; its latency is the plan as the profile timed it through the runtime, to
+the end of each step, else composed from the files' times (older profiles, K > 5).
 
 Candidates come from three searches, and the best one that meets the objective wins:
 - MSDNet's budgeted search (Huang et al., ICLR 2018, `dynamic_evaluate`): a one-parameter
@@ -29,14 +31,14 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import Manifest, Thresholds, load_manifest
+from byot_edge.export.manifest import LatencyProfile, Manifest, Thresholds, load_manifest
 from byot_edge.runtime.policies import NEVER, check_criterion, confidence, exits_for_thresholds
 
 MSDNET_P = np.arange(1, 40) / 20  # the reference code's p = 0.05 .. 1.95
@@ -124,7 +126,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 class Costs:
     """Per exit k (index k-1): what a sample answered there cost, through the cascade with
     every exit on (segments 1..k) and alone (the truncated network). A cascade with exits
-    switched off skips their branches; `plan_costs` prices that."""
+    switched off skips their branches; `plan_costs` prices that, as measured where the
+    profile timed the plan."""
 
     flops_cascade: list[float]
     flops_alone: list[float]
@@ -136,6 +139,8 @@ class Costs:
     branch_flops: list[float] | None = None  # per exit 1..K-1; None: not counted
     # (first, last) -> ms per sample of segments first..last joined (first < last)
     span_latency: dict[tuple[int, int], float] = field(default_factory=dict)
+    # plan -> ms per sample at the end of each of its steps, timed through the runtime
+    plan_latency: dict[tuple[int, ...], list[float]] = field(default_factory=dict)
 
     def plan_costs(self, plan: Sequence[int], metric: str) -> list[float]:
         """Per exit k (index k-1) in `plan` (the exits that are on, ending at the deepest):
@@ -148,6 +153,10 @@ class Costs:
                                          for k, b in enumerate(self.branch_flops or [], 1)])
             cost = [c - skipped[min(k, len(skipped) - 1)]
                     for k, c in enumerate(self.flops_cascade)]
+        elif tuple(plan) in self.plan_latency:  # measured as a whole
+            cost = [0.0] * num_exits
+            for k, ms in zip(plan, self.plan_latency[tuple(plan)], strict=True):
+                cost[k - 1] = ms
         else:
             assert self.latency_cascade is not None
             seg = np.diff([0.0, *self.latency_cascade])
@@ -202,12 +211,10 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
         cascade = alone
         notes.append(f"could not count segment FLOPs ({type(e).__name__}); the cascade's FLOPs "
                      "are those of each exit alone, an underestimate")
+    costs = Costs([float(c) for c in cascade], alone, notes=notes, branch_flops=branches)
     profiles = [p for p in manifest.latency_profiles if backend in (None, p.backend)]
     if backend and not profiles and manifest.latency_profiles:
         notes.append(f"the manifest has no latency profile for {backend}; costs are FLOPs")
-    lat_cascade = lat_alone = None
-    spans: dict[tuple[int, int], float] = {}
-    source = ""
     if batch is not None and profiles and all(p.batch != batch for p in profiles):
         have = sorted({p.batch for p in profiles})
         raise ByotError(f"the manifest has no latency profile at batch {batch} (it has batch "
@@ -215,31 +222,51 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
                         "first, or pick one of those")
     if profiles:
         size = batch if batch is not None else min(p.batch for p in profiles)
-        p = max((p for p in profiles if p.batch == size), key=lambda p: p.created)
-        entries = sorted(p.exits, key=lambda e: e["exit"])
-        if all("segment" in e for e in entries):
-            seg = [e["segment"][stat] / p.batch for e in entries]
-            # Every step and every single-exit call also pays the runtime's own time: the
-            # profiled cascade through every segment, less the segments, per step.
-            runtime = entries[-1].get("cascade")
-            overhead = (max(0.0, runtime[stat] / p.batch - sum(seg)) / len(seg)
-                        if runtime else 0.0)
-            lat_cascade = list(np.cumsum(np.add(seg, overhead)))
-            lat_alone = [e["truncated"][stat] / p.batch + overhead if "truncated" in e else c
-                         for e, c in zip(entries, lat_cascade, strict=True)]
-            spans = {(int(first), e["exit"]): v[stat] / p.batch + overhead
-                     for e in entries for first, v in e.get("spans", {}).items()}
-            source = f"{p.backend} on {p.device}, batch {p.batch}, {stat}"
-            if runtime:
-                source += f", {overhead * p.batch:.3g} ms of runtime per step"
-            else:
-                notes.append("the latency profile predates runtime timing: costs leave out the "
-                             "runtime's time per step; re-run `byot-edge profile`")
-        else:
-            notes.append("the latency profile has no segment timings; costs are FLOPs "
-                         "(re-export with --segments and re-run `byot-edge profile`)")
-    return Costs([float(c) for c in cascade], alone, lat_cascade, lat_alone, source, notes,
-                 branches, spans)
+        costs = _with_latency(costs, max((p for p in profiles if p.batch == size),
+                                         key=lambda p: p.created), stat)
+    return costs
+
+
+def _with_latency(costs: Costs, p: LatencyProfile, stat: str) -> Costs:
+    """`costs` with latency per sample from profile `p`: measured plans where it timed them
+    through the runtime, else composed from the files' timings and the runtime's time per
+    step."""
+    entries = sorted(p.exits, key=lambda e: e["exit"])
+    if not all("segment" in e for e in entries):
+        costs.notes.append("the latency profile has no segment timings; costs are FLOPs "
+                           "(re-export with --segments and re-run `byot-edge profile`)")
+        return costs
+    per_sample = [{w: e[w][stat] / p.batch for w in ("segment", "truncated") if w in e}
+                  for e in entries]
+    seg = [e["segment"] for e in per_sample]
+    # Every step and every single-exit call also pays the runtime's own time: the profiled
+    # cascade through every segment, less the segments, per step.
+    runtime = entries[-1].get("cascade")
+    overhead = max(0.0, runtime[stat] / p.batch - sum(seg)) / len(seg) if runtime else 0.0
+    cascade = list(np.cumsum(np.add(seg, overhead)))
+    extra = overhead
+    spans = {(int(first), e["exit"]): v[stat] / p.batch + overhead
+             for e in entries for first, v in e.get("spans", {}).items()}
+    plans = {tuple(int(k) for k in key.split(",")): [v[stat] / p.batch for v in at]
+             for key, at in entries[-1].get("plans", {}).items()}
+    source = f"{p.backend} on {p.device}, batch {p.batch}, {stat}"
+    deepest = plans.get((len(entries),))
+    if deepest and "truncated" in per_sample[-1]:
+        # The deepest exit alone is its plan's one step; exits alone pay the same extra over
+        # their files as it does.
+        extra = max(0.0, deepest[0] - per_sample[-1]["truncated"])
+        cascade = plans.get(tuple(range(1, len(entries) + 1)), cascade)
+        source += f", {len(plans)} plans timed through the runtime"
+    elif runtime:
+        source += f", {overhead * p.batch:.3g} ms of runtime per step"
+    else:
+        costs.notes.append("the latency profile predates runtime timing: costs leave out the "
+                           "runtime's time per step; re-run `byot-edge profile`")
+    alone = [e["truncated"] + extra if "truncated" in e else c
+             for e, c in zip(per_sample, cascade, strict=True)]
+    return replace(costs, latency_cascade=[float(c) for c in cascade],
+                   latency_alone=[float(c) for c in alone], latency_source=source,
+                   span_latency=spans, plan_latency=plans)
 
 
 # -- search ------------------------------------------------------------------------------

@@ -229,6 +229,17 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.span_latency[(1, 4)] == pytest.approx(2.05)
     assert "0.5 ms of runtime per step" in costs.latency_source
     assert not any("predates" in n for n in costs.notes)
+    # Plans timed through the runtime are priced as measured, not composed; so is the
+    # deepest exit alone (its plan's one step), and exits alone pay its extra over the file.
+    timed[-1]["plans"] = {key: [{"p50": v} for v in at] for key, at in {
+        "1,2,3,4": [1.5, 3.5, 7.0, 11.0], "1,4": [1.5, 10.0], "4": [8.4]}.items()}
+    costs = manifest_costs(m)
+    assert costs.plan_costs((1, 4), "latency") == pytest.approx([0.75, 5.0, 5.0, 5.0])
+    assert costs.latency_cascade == pytest.approx([0.75, 1.75, 3.5, 5.5])
+    assert costs.latency_alone == pytest.approx([1.2, 2.2, 3.2, 4.2])  # 8.4 ms vs 8.0: +0.2
+    assert "3 plans timed through the runtime" in costs.latency_source
+    # A plan the profile did not time is composed as before.
+    assert costs.plan_costs((2, 4), "latency") == pytest.approx([1.15, 1.15, 2.3, 2.3])
 
 
 def test_exits_that_are_off_cost_no_branch_and_spans_their_profiled_time() -> None:

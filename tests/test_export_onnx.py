@@ -108,6 +108,17 @@ def test_joined_segments_equal_the_chain_without_the_branches_inside(exported):
                 np.testing.assert_array_equal(g, want)
 
 
+def _assert_upsample_is_static(graph: onnx.GraphProto) -> None:
+    """The attention's Resize takes a constant scale, not a size computed from a Shape: ONNX
+    Runtime can then run it in its blocked conv layout (exit 1's branch: 0.23 -> 0.13 ms)."""
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Resize":
+            assert all(i in constants for i in node.input[1:] if i), list(node.input)
+    assert not any(n.op_type == "Shape" for n in graph.node)
+
+
 def test_truncated_file_holds_only_its_path(exported):
     _, out, manifest, _ = exported
     k_max = manifest.num_exits
@@ -116,6 +127,7 @@ def test_truncated_file_holds_only_its_path(exported):
         assert ops["Gemm"] + ops["MatMul"] == 1, f"exit{k}.onnx holds {ops} classifiers"
         # Only shallow exits have a BYOT branch, and each has one attention upsample.
         assert ops["Resize"] == (1 if k < k_max else 0), f"exit{k}.onnx: {ops}"
+        _assert_upsample_is_static(onnx.load(out / f"exit{k}.onnx").graph)
     sizes = [(out / f"exit{k}.onnx").stat().st_size for k in range(1, k_max + 1)]
     assert sizes[-1] < (out / "weights.pt").stat().st_size  # no file holds the whole network
 
@@ -171,6 +183,7 @@ def test_dynamo_exporter_resnet18(tmp_path):
     _assert_files_match_pytorch(ckpt, out)
     graph = onnx.load(out / "exit2.onnx").graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    _assert_upsample_is_static(graph)
 
 
 def test_static_batch(tmp_path):

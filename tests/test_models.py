@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from byot_edge.errors import ByotError
 from byot_edge.models import create_model, list_models, model_from_config
+from byot_edge.models.branches import Attention
 
 ARCHS = list_models()
 
@@ -87,6 +89,20 @@ def test_grayscale_and_odd_sizes():
     assert [z.shape for z in out.logits] == [torch.Size([2, 7])] * 4
     # every branch's feature matches the deepest feature's size (for the feature loss)
     assert len({f.shape for f in out.features}) == 1
+
+
+@pytest.mark.parametrize("size", [32, 28, 7])
+def test_attention_upsamples_to_the_section_size(size):
+    # Even sizes take a constant x2 scale (for the exported graph): the same numbers as
+    # upsampling to the section's size, which odd sizes still do.
+    torch.manual_seed(0)
+    attention = Attention(8).eval()
+    x = torch.randn(2, 8, size, size)
+    with torch.no_grad():
+        a = torch.relu(attention.norm(attention.conv(x)))
+        want = torch.sigmoid(F.interpolate(a, size=(size, size), mode="bilinear",
+                                           align_corners=False)) * x
+        torch.testing.assert_close(attention(x), want, rtol=0, atol=0)
 
 
 def test_imagenet_stem():

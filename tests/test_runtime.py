@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -176,6 +177,9 @@ def test_cascade_stops_early_and_compacts_the_batch(deployed: Deployed) -> None:
     worst = model.run_policy(deployed.x, never, plan=(1, 2, 3, 4))
     assert spy.calls == [(f"segment{k}", n) for k in range(1, 5)]
     assert (worst.exits == 4).all()
+    assert [k for k, _ in worst.step_ms] == [1, 2, 3, 4]  # when each step ended
+    assert all(0 < a < b for (_, a), (_, b) in itertools.pairwise(worst.step_ms))
+    assert worst.latency_ms[0] == worst.step_ms[-1][1]
     # (without a plan, exits that are off are not computed: one span, no branches)
     spy.calls.clear()
     model.run_policy(deployed.x, never)
@@ -482,10 +486,19 @@ def test_profile_command_stores_every_exit_segment_and_span(deployed: Deployed,
             assert sorted(e.get("spans", {})) == [str(i) for i in range(1, e["exit"])]
             for s in stats:
                 assert s["runs"] == 3 and 0 < s["p50"] <= s["p90"] <= s["p99"]
-        # The runtime's own cascade through every segment, recorded on the deepest exit.
+        # The runtime's own cascade through every segment, recorded on the deepest exit...
         assert [("cascade" in e) for e in p.exits] == [False, False, False, True]
         runtime = p.exits[-1]["cascade"]
         assert runtime["runs"] == 3 and runtime["p50"] > 0
+        # ...and every plan a calibration can choose, timed at the end of each of its steps.
+        plans = p.exits[-1]["plans"]
+        assert sorted(plans) == sorted(["4", "1,4", "2,4", "3,4", "1,2,4", "1,3,4", "2,3,4",
+                                        "1,2,3,4"])
+        for key, steps in plans.items():
+            assert len(steps) == len(key.split(","))
+            assert all(s["runs"] == 3 for s in steps)
+            assert steps[0]["p50"] > 0
+            assert all(a["mean"] <= b["mean"] for a, b in itertools.pairwise(steps))
     assert "the runtime's cascade through every segment" in result.output
     # Profiling again replaces rather than piles up.
     runner.invoke(app, ["profile", str(fresh), "--batch", "1", "--warmup", "0", "--runs", "1"])

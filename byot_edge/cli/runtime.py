@@ -217,13 +217,15 @@ def profile_command(
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
     runs: Annotated[int, typer.Option(help="Timed runs per file and batch size.")] = 100,
     max_seconds: Annotated[float, typer.Option(
-        help="Stop timing one file after this long (at least 5 runs).")] = 10.0,
+        help="Time for at most this long per file or plan (at least 5 runs each).")] = 10.0,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
 ) -> None:
-    """Time every truncated exit, segment and span (p50/p90/p99); store them in the manifest.
+    """Time every truncated exit, segment and span, and every cascade plan through the
+    runtime (p50/p90/p99, all taking turns); store them in the manifest.
 
-    A span i-k is segments i..k joined: what the cascade runs when exits i..k-1 are off."""
+    A span i-k is segments i..k joined: what the cascade runs when exits i..k-1 are off. A
+    plan is the exits that are on ("1,3,4"); calibration prices it as measured."""
     from byot_edge.export.manifest import load_manifest
     from byot_edge.runtime.backends import get_backend
     from byot_edge.runtime.profile import profile_backend, store_profiles
@@ -248,6 +250,7 @@ def profile_command(
         runtime = p.exits[-1].get("cascade")
         if runtime:
             table.caption = (f"the runtime's cascade through every segment, no early answer: "
-                             f"{runtime['p50']:.3f} ms p50, {runtime['p90']:.3f} p90")
+                             f"{runtime['p50']:.3f} ms p50, {runtime['p90']:.3f} p90; "
+                             f"{len(p.exits[-1].get('plans', {}))} cascade plans timed")
         console.print(table)
     console.print(f"stored {len(profiles)} profile(s) in {path}")

@@ -99,6 +99,8 @@ class CascadeResult:
     # confidences are), for top-k answers
     probabilities: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    # (exit, ms since the cascade's first step started) at the end of each step it ran
+    step_ms: list[tuple[int, float]] = field(default_factory=list)
 
     def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
         return [
@@ -339,6 +341,7 @@ class AnytimeModel:
                     h = out[io.section]
             now = time.perf_counter()
             elapsed = (now - t0) * 1e3
+            result.step_ms.append((k, elapsed))
             logits = out[ios[-1].logits]
             if k == num_exits:
                 self._answer(result, active, k, logits, elapsed)

@@ -4,19 +4,26 @@ A profile belongs to one backend, one device and one batch size. Entries follow 
 manifest's layout: `{"exit": k, "truncated": {p50, p90, p99, mean, runs}, "segment": {...},
 "spans": {"i": {...}}}` in milliseconds for the whole batch, where span i (i < k) is
 segments i..k joined, as a cascade runs them when exits i..k-1 are off (backends that
-cannot join segments have no spans). The deepest exit's entry also has `"cascade"`: the
-runtime's own cascade through every segment with no sample answered early (its worst case
-with every exit on), so the time the runtime spends between backend calls (input checks,
-the policy, answers, compaction) is measured too; calibration prices it per step.
+cannot join segments have no spans). The deepest exit's entry also holds what the runtime
+itself takes, timed through the anytime model with no sample answered early:
+- `"cascade"`: the whole call with every exit on (the worst case with every exit on);
+- `"plans"`: for every plan (the exits that are on, "1,3,4"), the time from the first step's
+  start to the end of each step. Calibration prices a cascade from these as measured: the
+  runtime's checks, policy and answers, the session switches and the branches, in place.
+  Composed from the files timed one by one, it had priced a plan at 1.04x the deepest exit
+  that measured 1.10x.
+All calls at one batch size take turns (see `_interleaved`): timed one after another, the
+same segment came out 10% apart on a shared VM, more than the differences being priced.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +33,7 @@ from byot_edge.runtime.backends import EXIT, SEGMENT, Backend, artifact_name, sp
 
 STATS = ("p50", "p90", "p99", "mean")
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 def check_stat(stat: str) -> str:
@@ -34,28 +42,63 @@ def check_stat(stat: str) -> str:
     return stat
 
 
+# Every plan is timed while there are at most this many (K <= 5 exits); beyond, only the
+# plan with every exit on, and calibration composes the others from the files' timings.
+MAX_PLANS = 16
+
+
 def time_call(fn: Callable[[], object], warmup: int = 10, runs: int = 100,
               max_seconds: float = 10.0, clock: Callable[[], float] = time.perf_counter
               ) -> dict[str, float]:
     """Run `fn` `warmup` times untimed, then up to `runs` times timed (stopping early after
     `max_seconds`, but never before 5 runs); statistics in ms."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    deadline = clock() + max_seconds
-    while len(times) < runs and (len(times) < 5 or clock() < deadline):
-        t0 = clock()
-        fn()
-        times.append((clock() - t0) * 1e3)
-    a = np.asarray(times)
+    calls = _interleaved({"fn": fn}, warmup, runs, max_seconds, clock)["fn"]
+    return _stats([ms for ms, _ in calls])
+
+
+def _interleaved(fns: Mapping[str, Callable[[], T]], warmup: int, runs: int,
+                 max_seconds: float, clock: Callable[[], float] = time.perf_counter,
+                 block: int = 10) -> dict[str, list[tuple[float, T]]]:
+    """(ms, result) of each timed call of each function, as time_call runs one (with
+    `max_seconds` each). The functions take turns, `block` calls at a time, so a machine
+    that drifts slower or faster over the seconds this takes shifts them alike: they are
+    compared with each other."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    calls: dict[str, list[tuple[float, T]]] = {name: [] for name in fns}
+    deadline = clock() + max_seconds * len(fns)
+    while any(len(c) < runs for c in calls.values()) and (
+            any(len(c) < 5 for c in calls.values()) or clock() < deadline):
+        for name, fn in fns.items():
+            for _ in range(min(block, runs - len(calls[name]))):
+                t0 = clock()
+                out = fn()
+                calls[name].append(((clock() - t0) * 1e3, out))
+    return calls
+
+
+def _stats(times_ms: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(times_ms)
     return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "runs": len(a)}
+
+
+def cascade_plans(num_exits: int) -> list[tuple[int, ...]]:
+    """Every plan a calibration can choose: some shallow exits on, then the deepest."""
+    return [(*(k for k in range(1, num_exits) if mask >> (k - 1) & 1), num_exits)
+            for mask in range(2 ** (num_exits - 1))]
+
+
+def plan_key(plan: Sequence[int]) -> str:
+    return ",".join(map(str, plan))
 
 
 def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
                     warmup: int = 10, runs: int = 100, max_seconds: float = 10.0,
                     progress: Progress | None = None, seed: int = 0) -> list[LatencyProfile]:
-    """Time every truncated exit, segment and span the backend has, at each batch size."""
+    """Time every truncated exit, segment and span the backend has, and the runtime's
+    cascade plans, at each batch size; at one batch size they all take turns."""
     manifest = backend.manifest
     if not batches or any(b < 1 for b in batches):
         raise ByotError(f"batch sizes must be positive integers, got {list(batches)}")
@@ -63,65 +106,72 @@ def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
     profiles = []
     for b in batches:
         x = rng.standard_normal((b, *manifest.input.shape)).astype(manifest.input.dtype)
-        entries = []
-        h = x  # segment k's input: section k-1's output for this very batch
-        inputs = {}
-        for k in range(1, manifest.num_exits + 1):
-            entry: dict[str, object] = {"exit": k}
-            inputs[k] = h
-            for kind in (EXIT, SEGMENT):
-                name = artifact_name(kind, k)
-                if not backend.has(name):
-                    continue
-                io = backend.load(name)
-                feed = {io.input: x if kind == EXIT else h}
-                if progress:
-                    progress(f"batch {b}: {name}")
-                entry["truncated" if kind == EXIT else "segment"] = time_call(
-                    lambda name=name, feed=feed: backend.run(name, feed),
-                    warmup, runs, max_seconds)
-                if kind == SEGMENT and io.section is not None:
-                    h = backend.run(name, feed)[io.section]
-            spans = {}
-            for first in range(1, k):
-                name = span_name(first, k)
-                if not backend.has(name):
-                    continue
-                io = backend.load(name)
-                feed = {io.input: inputs[first]}
-                if progress:
-                    progress(f"batch {b}: {name}")
-                spans[str(first)] = time_call(lambda name=name, feed=feed: backend.run(name, feed),
-                                              warmup, runs, max_seconds)
-            if spans:
-                entry["spans"] = spans
-            entries.append(entry)
-        if progress:
-            progress(f"batch {b}: the runtime's cascade")
-        cascade = _time_cascade(backend, x, warmup, runs, max_seconds)
-        if cascade is not None:
-            entries[-1]["cascade"] = cascade
-        if all(len(e) == 1 for e in entries):
+        fns = _calls_to_time(backend, x)
+        if not fns:
             raise ByotError(f"the manifest has no files the {backend.name} backend can run; "
                             "export them first with `byot-edge export`")
+        if progress:
+            progress(f"batch {b}: {len(fns)} files and cascade plans, taking turns")
+        calls = _interleaved(fns, warmup, runs, max_seconds)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        profiles.append(LatencyProfile(backend.name, backend.device, b, entries, created))
+        profiles.append(LatencyProfile(backend.name, backend.device, b,
+                                       _entries(manifest.num_exits, calls), created))
     return profiles
 
 
-def _time_cascade(backend: Backend, x: np.ndarray, warmup: int, runs: int,
-                  max_seconds: float) -> dict[str, float] | None:
-    """The anytime model's worst case with every exit on; None without every segment."""
+def _calls_to_time(backend: Backend, x: np.ndarray) -> dict[str, Callable[[], Any]]:
+    """"truncated/k", "segment/k", "span/i/k" (a backend call each) and "plan/1,3,4" (the
+    anytime model's worst case under that plan) -> the call to time."""
     from byot_edge.runtime.anytime import AnytimeModel  # deferred: it imports this module
     from byot_edge.runtime.policies import NEVER, ConfidenceThresholds
 
     num_exits = backend.manifest.num_exits
+    fns: dict[str, Callable[[], Any]] = {}
+    h, inputs = x, {}  # segment k's input: section k-1's output for this very batch
+    for k in range(1, num_exits + 1):
+        inputs[k] = h
+        for kind, what in ((EXIT, "truncated"), (SEGMENT, "segment")):
+            name = artifact_name(kind, k)
+            if backend.has(name):
+                io = backend.load(name)
+                feed = {io.input: x if kind == EXIT else h}
+                fns[f"{what}/{k}"] = lambda name=name, feed=feed: backend.run(name, feed)
+                if kind == SEGMENT and io.section is not None:
+                    h = backend.run(name, feed)[io.section]
+        for first in range(1, k):
+            name = span_name(first, k)
+            if backend.has(name):
+                feed = {backend.load(name).input: inputs[first]}
+                fns[f"span/{first}/{k}"] = lambda name=name, feed=feed: backend.run(name, feed)
     model = AnytimeModel(backend.manifest, backend)
-    if not model.has_segments():
-        return None
-    never = ConfidenceThresholds.for_model(NEVER, num_exits)
-    plan = tuple(range(1, num_exits + 1))
-    return time_call(lambda: model.run_policy(x, never, plan=plan), warmup, runs, max_seconds)
+    if model.has_segments():
+        never = ConfidenceThresholds.for_model(NEVER, num_exits)
+        plans = cascade_plans(num_exits)
+        for plan in plans if len(plans) <= MAX_PLANS else plans[-1:]:  # the last: every exit
+            fns[f"plan/{plan_key(plan)}"] = (
+                lambda plan=plan: model.run_policy(x, never, plan=plan))
+    return fns
+
+
+def _entries(num_exits: int, calls: dict[str, list[tuple[float, Any]]]) -> list[dict[str, Any]]:
+    """The profile's entries (see the module docstring) from the timed calls."""
+    entries: list[dict[str, Any]] = [{"exit": k} for k in range(1, num_exits + 1)]
+    every = plan_key(range(1, num_exits + 1))
+    for key, timed in calls.items():
+        what, _, rest = key.partition("/")
+        ms = [t for t, _ in timed]
+        if what == "span":
+            first, last = rest.split("/")
+            entries[int(last) - 1].setdefault("spans", {})[first] = _stats(ms)
+        elif what == "plan":
+            at = np.asarray([[t for _, t in result.step_ms] for _, result in timed])
+            entries[-1].setdefault("plans", {})[rest] = [_stats(at[:, j])
+                                                        for j in range(at.shape[1])]
+            if rest == every:
+                entries[-1]["cascade"] = _stats(ms)
+        else:
+            entries[int(rest) - 1][what] = _stats(ms)
+    return entries
 
 
 def store_profiles(manifest: Manifest, profiles: Sequence[LatencyProfile]) -> Path:
