@@ -20,7 +20,8 @@ Steps (each is skipped when its output already exists in --out, so a rerun resum
   2. train (`byot-edge train`), or use --checkpoint
   3. validation and test logits (`byot-edge eval --save-logits`)
   4. export every exit and segment (export_checkpoint)
-  5. profile every file and span on this machine (profile_backend)
+  5. profile every file, span and cascade plan on this machine (profile_backend; again when
+     the stored profile predates plan timing)
   6. calibrate on the validation logits (calibrate_manifest, with a plot)
   7. cascade == offline replay on the validation images
   8. cascade vs deepest exit vs worst case on the test images
