@@ -40,6 +40,7 @@ import numpy as np
 from byot_edge.errors import ByotError
 from byot_edge.export.manifest import LatencyProfile, Manifest, Thresholds, load_manifest
 from byot_edge.runtime.policies import NEVER, check_criterion, confidence, exits_for_thresholds
+from byot_edge.runtime.profile import parse_plan_key
 
 MSDNET_P = np.arange(1, 40) / 20  # the reference code's p = 0.05 .. 1.95
 
@@ -247,7 +248,7 @@ def _with_latency(costs: Costs, p: LatencyProfile, stat: str) -> Costs:
     extra = overhead
     spans = {(int(first), e["exit"]): v[stat] / p.batch + overhead
              for e in entries for first, v in e.get("spans", {}).items()}
-    plans = {tuple(int(k) for k in key.split(",")): [v[stat] / p.batch for v in at]
+    plans = {parse_plan_key(key): [v[stat] / p.batch for v in at]
              for key, at in entries[-1].get("plans", {}).items()}
     source = f"{p.backend} on {p.device}, batch {p.batch}, {stat}"
     deepest = plans.get((len(entries),))
@@ -259,11 +260,17 @@ def _with_latency(costs: Costs, p: LatencyProfile, stat: str) -> Costs:
         source += f", {len(plans)} plans timed through the runtime"
     elif runtime:
         source += f", {overhead * p.batch:.3g} ms of runtime per step"
+        if not plans:
+            costs.notes.append("the latency profile predates plan timing: each plan's cost is "
+                               "composed from its files (less exact); re-run `byot-edge "
+                               "profile`")
     else:
         costs.notes.append("the latency profile predates runtime timing: costs leave out the "
                            "runtime's time per step; re-run `byot-edge profile`")
     alone = [e["truncated"] + extra if "truncated" in e else c
              for e, c in zip(per_sample, cascade, strict=True)]
+    if deepest:  # as measured, even where it came out faster than its file alone
+        alone[-1] = deepest[0]
     return replace(costs, latency_cascade=[float(c) for c in cascade],
                    latency_alone=[float(c) for c in alone], latency_source=source,
                    span_latency=spans, plan_latency=plans)

@@ -228,7 +228,8 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.latency_alone == pytest.approx([1.25, 2.25, 3.25, 4.25])
     assert costs.span_latency[(1, 4)] == pytest.approx(2.05)
     assert "0.5 ms of runtime per step" in costs.latency_source
-    assert not any("predates" in n for n in costs.notes)
+    assert not any("predates runtime timing" in n for n in costs.notes)
+    assert any("predates plan timing" in n for n in costs.notes)
     # Plans timed through the runtime are priced as measured, not composed; so is the
     # deepest exit alone (its plan's one step), and exits alone pay its extra over the file.
     timed[-1]["plans"] = {key: [{"p50": v} for v in at] for key, at in {
@@ -238,8 +239,14 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.latency_cascade == pytest.approx([0.75, 1.75, 3.5, 5.5])
     assert costs.latency_alone == pytest.approx([1.2, 2.2, 3.2, 4.2])  # 8.4 ms vs 8.0: +0.2
     assert "3 plans timed through the runtime" in costs.latency_source
+    assert not any("predates" in n for n in costs.notes)
     # A plan the profile did not time is composed as before.
     assert costs.plan_costs((2, 4), "latency") == pytest.approx([1.15, 1.15, 2.3, 2.3])
+    # The deepest exit alone stays as measured when its plan came out faster than its file
+    # (noise): the worst-case bound divides by it. Exits alone then pay no extra.
+    timed[-1]["plans"]["4"] = [{"p50": 7.6}]
+    costs = manifest_costs(m)
+    assert costs.latency_alone == pytest.approx([1.0, 2.0, 3.0, 3.8])
 
 
 def test_exits_that_are_off_cost_no_branch_and_spans_their_profiled_time() -> None:
