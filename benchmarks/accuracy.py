@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import byot_edge  # noqa: F401  (sets the OpenMP wait policy before torch starts)
-from byot_edge.checkpoint import load_model
-from byot_edge.data import dataset_info, load_arrays
+from byot_edge.checkpoint import load_checkpoint, load_model
+from byot_edge.datasets import dataset_info, load_arrays
 from byot_edge.evaluate import evaluate
 from byot_edge.train import config_from_recipe, train
 
@@ -39,9 +39,20 @@ def main() -> None:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    p.add_argument("--feature-weight", type=float, default=None, help="default: 0.03")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # Only what was given overrides the recipe, so every method gets the very same schedule.
+    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                               ("feature_weight", args.feature_weight)) if v is not None}
 
     out = Path(args.out)
     test = load_arrays(args.dataset, args.data_dir, "test")
@@ -53,16 +64,23 @@ def main() -> None:
             cfg = config_from_recipe(
                 args.recipe, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir,
                 out=str(run), width=args.width, epochs=args.epochs, method=method, seed=seed,
-                max_train_samples=args.max_train_samples, device=args.device, amp=args.amp)
+                max_train_samples=args.max_train_samples, device=args.device, amp=args.amp,
+                **extra)
             t = time.perf_counter()
-            if not (run / "last.pt").is_file():  # finished runs are reused
-                train(cfg)
+            last = run / "last.pt"
+            done = last.is_file() and load_checkpoint(last)["epoch"] >= args.epochs
+            if not done:  # finished runs are reused, stopped ones resumed
+                train(cfg, resume=last if last.is_file() else None)
             model, _ = load_model(run / "last.pt")
             ev = evaluate(model, test, info, split="test")
             results[method].append({"seed": seed, "train_s": time.perf_counter() - t,
                                     "top1": [r.top1 for r in ev.rows]})
             print(f"{method} seed {seed}: " + " ".join(f"{r.name} {r.top1:.2%}" for r in ev.rows),
                   flush=True)
+            # after every run, so a stopped study keeps what it finished
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "partial.json").write_text(json.dumps({"config": vars(args),
+                                                          "runs": results}, indent=2))
 
     names = [f"exit {k}" for k in range(1, len(next(iter(results.values()))[0]["top1"]))]
     names.append("ensemble")

@@ -109,7 +109,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile(args: argparse.Namespace, manifest_path: Path) -> None:
-    from byot_edge.export.manifest import load_manifest
+    from byot_edge.manifest import load_manifest
     from byot_edge.runtime.backends import get_backend
     from byot_edge.runtime.profile import profile_backend, store_profiles
 
@@ -181,7 +181,7 @@ def replay_check(args: argparse.Namespace, manifest_path: Path, ckpt: Path,
 
 def measure(args: argparse.Namespace, manifest_path: Path, test_logits: Path) -> dict[str, Any]:
     from byot_edge.calibrate import load_logits
-    from byot_edge.data import load_arrays
+    from byot_edge.datasets import load_arrays
     from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
     from byot_edge.runtime.policies import NEVER, ConfidenceThresholds, simulate
 

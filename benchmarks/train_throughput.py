@@ -2,12 +2,19 @@
 
     python benchmarks/train_throughput.py                       # CPU, ResNet-18 x0.25, 32x32
     python benchmarks/train_throughput.py --device cuda --width 1 --batch 128 --variants all
+    python benchmarks/train_throughput.py --device cuda --width 1 --batch 256 --variants study \
+        --flops --json runs/throughput.json
 
 Rounds interleave the methods (and variants), so slow drift of a shared machine hits them
 alike; the figure per method is the median over rounds. "branches overhead" compares a
 BYOT step with a step of the bare backbone path (exit K only: stem, sections, fc), i.e.
 what the shallow exits and their losses cost during training. On CUDA, `--variants all`
-also times AMP, channels-last and torch.compile for the byot step.
+also times AMP, channels-last and torch.compile for the byot step. `--variants study` (any
+device; `--amp bf16` on a CPU) times plain and byot in fp32, with AMP and with AMP +
+channels-last, dsn with AMP + channels-last, and byot with torch.compile on top
+(`--no-compile` leaves that out). `--flops` counts the FLOPs of one training step
+(forward + backward, torch.utils.flop_counter) per method, so each variant also gets its
+achieved TFLOP/s. Each variant's model is built (and compiled) once and timed in every round.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +61,9 @@ class _DeepestOnly(nn.Module):
         return ExitOutputs([z], [z])
 
 
-def _time_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> float:
+def _build_variant(v: Variant, args: argparse.Namespace,
+                   device: torch.device) -> Callable[[], torch.Tensor]:
+    """One training step of the variant, as a closure over its own model and optimizer."""
     torch.manual_seed(0)
     model = create_model(args.arch, num_classes=10, width=args.width, input_size=args.size)
     model = model.to(device)
@@ -69,14 +80,51 @@ def _time_variant(v: Variant, args: argparse.Namespace, device: torch.device) ->
     if v.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    for _ in range(args.warmup):
-        training_step(step_model, x, y, opt, scaler, cfg, amp)
+    return lambda: training_step(step_model, x, y, opt, scaler, cfg, amp)
+
+
+def _time_variant(step: Callable[[], torch.Tensor], args: argparse.Namespace,
+                  device: torch.device) -> float:
+    for _ in range(args.warmup):  # the first round's warm-up also compiles
+        step()
     _sync(device)
     t = time.perf_counter()
     for _ in range(args.steps):
-        training_step(step_model, x, y, opt, scaler, cfg, amp)
+        step()
     _sync(device)
     return args.steps * args.batch / (time.perf_counter() - t)
+
+
+def _step_flops(v: Variant, args: argparse.Namespace, device: torch.device) -> int:
+    """FLOPs of one training step (forward + backward; the optimizer's elementwise work is
+    not counted), on an eager fp32 copy: AMP, channels-last and compile change the speed,
+    not the arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = _build_variant(Variant(v.name, v.method, backbone_only=v.backbone_only), args, device)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    variants = [Variant("plain", "plain"), Variant("dsn", "dsn"), Variant("byot", "byot"),
+                Variant("backbone only", "plain", backbone_only=True)]
+    if args.variants == "all" and device.type == "cuda":
+        variants += [Variant("byot + amp", "byot", amp="auto"),
+                     Variant("byot + amp + channels-last", "byot", amp="auto",
+                             channels_last=True),
+                     Variant("byot + amp + channels-last + compile", "byot", amp="auto",
+                             channels_last=True, compile=True)]
+    if args.variants == "study":
+        variants += [Variant(f"{m} + amp", m, amp=args.amp) for m in ("plain", "byot")]
+        variants += [Variant(f"{m} + amp + channels-last", m, amp=args.amp, channels_last=True)
+                     for m in ("plain", "dsn", "byot")]
+        variants.append(Variant("byot + amp + channels-last + compile", "byot", amp=args.amp,
+                                channels_last=True, compile=True))
+    if args.no_compile:
+        variants = [v for v in variants if not v.compile]
+    return variants
 
 
 def _sync(device: torch.device) -> None:
@@ -84,7 +132,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; returns what `--json` writes (for callers in the same process)."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18")
@@ -95,39 +144,76 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", choices=["methods", "all"], default="methods")
+    p.add_argument("--variants", choices=["methods", "all", "study"], default="methods")
+    p.add_argument("--amp", default="auto",
+                   help="AMP of the study's amp variants: auto (bf16 on CUDA), bf16 (CPU "
+                        "too), fp16")
+    p.add_argument("--no-compile", action="store_true", help="leave out torch.compile variants")
+    p.add_argument("--flops", action="store_true",
+                   help="count each method's FLOPs per training step; report TFLOP/s")
     p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
 
-    variants = [Variant("plain", "plain"), Variant("dsn", "dsn"), Variant("byot", "byot"),
-                Variant("backbone only", "plain", backbone_only=True)]
-    if args.variants == "all" and device.type == "cuda":
-        variants += [Variant("byot + amp", "byot", amp="auto"),
-                     Variant("byot + amp + channels-last", "byot", amp="auto",
-                             channels_last=True),
-                     Variant("byot + amp + channels-last + compile", "byot", amp="auto",
-                             channels_last=True, compile=True)]
+    variants = _variants(args, device)
+    steps = {v.name: _build_variant(v, args, device) for v in variants}
     runs: dict[str, list[float]] = {v.name: [] for v in variants}
+    failed: dict[str, str] = {}
     for _ in range(args.rounds):
         for v in variants:
-            runs[v.name].append(_time_variant(v, args, device))
+            if v.name in failed:
+                continue
+            try:
+                runs[v.name].append(_time_variant(steps[v.name], args, device))
+            except Exception as e:
+                if not v.compile:
+                    raise
+                # torch.compile needs a working compiler toolchain; the eager figures stand
+                print(f"{v.name}: failed, left out ({type(e).__name__}: {e})"[:300])
+                failed[v.name] = f"{type(e).__name__}: {e}"[:500]
+                del runs[v.name]
+    variants = [v for v in variants if v.name not in failed]
     median = {k: statistics.median(v) for k, v in runs.items()}
+    flops: dict[str, int] = {}
+    if args.flops:
+        per_method: dict[tuple[str, bool], int] = {}
+        for v in variants:
+            key = (v.method, v.backbone_only)
+            if key not in per_method:
+                per_method[key] = _step_flops(v, args, device)
+            flops[v.name] = per_method[key]
+    tflops = {k: flops[k] * median[k] / args.batch / 1e12 for k in flops}
+    # byot step time over plain step time, for every setting both were timed in
+    byot_over_plain = {("fp32" if k == "byot" else k.removeprefix("byot + ")):
+                       median[f"plain{k.removeprefix('byot')}"] / ips
+                       for k, ips in median.items()
+                       if k.startswith("byot") and f"plain{k.removeprefix('byot')}" in median}
 
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} threads")
     print(f"{args.arch} x{args.width} at {args.size}px, batch {args.batch}, on {device_name}; "
           f"torch {torch.__version__}; median of {args.rounds} rounds of {args.steps} steps")
-    print(f"{'variant':40s} {'img/s':>10s} {'vs plain':>9s}")
+    print(f"{'variant':40s} {'img/s':>10s} {'vs plain':>9s}"
+          + (f" {'GFLOP/step':>11s} {'TFLOP/s':>8s}" if flops else ""))
     for name, ips in median.items():
-        print(f"{name:40s} {ips:10.1f} {ips / median['plain']:8.2f}x")
+        print(f"{name:40s} {ips:10.1f} {ips / median['plain']:8.2f}x"
+              + (f" {flops[name] / 1e9:11.2f} {tflops[name]:8.3f}" if flops else ""))
     overhead = median["backbone only"] / median["byot"]
     print(f"branches overhead (backbone-only step / byot step): {overhead:.2f}x")
+    print("byot step time / plain step time: "
+          + ", ".join(f"{k} {r:.2f}x" for k, r in byot_over_plain.items()))
+    result = {"config": vars(args), "device": device_name, "torch": torch.__version__,
+              "images_per_s": median, "rounds": runs, "branches_overhead": overhead,
+              "byot_over_plain_step_time": byot_over_plain}
+    if flops:
+        result |= {"flops_per_step": flops, "tflops": tflops}
+    if failed:
+        result["failed"] = failed
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "device": device_name, "images_per_s": median,
-                       "rounds": runs, "branches_overhead": overhead}, f, indent=2)
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

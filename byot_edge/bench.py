@@ -8,6 +8,7 @@ tegrastats), and writes JSON, CSV and PNG plots.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import platform
 import re
@@ -18,14 +19,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import load_manifest
+from byot_edge.extras import available
 from byot_edge.fileio import atomic_write, atomic_write_json
+from byot_edge.manifest import load_manifest
 
 Progress = Callable[[str], None]
 
@@ -74,12 +77,11 @@ class BenchReport:
 
 
 def machine_info() -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    from byot_edge.runtime.backends.base import cpu_name
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "torch", "tensorrt", "tensorrt-rtx"):
+        with contextlib.suppress(metadata.PackageNotFoundError):  # without importing it
+            info[dist] = metadata.version(dist)
+    from byot_edge.runtime.backends.devices import cpu_name
 
     info["cpu"] = cpu_name()
     if shutil.which("nvidia-smi"):
@@ -201,7 +203,7 @@ def _latency_rows(profile: Any, manifest: Any) -> list[LatencyRow]:
 
 
 def _test_data(manifest: Any, data_dir: str | Path, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    from byot_edge.data import load_arrays
+    from byot_edge.datasets import load_arrays
 
     if not manifest.dataset or manifest.dataset == "synthetic":
         raise ByotError("the manifest names no real dataset, so --data-dir cannot be read; "
@@ -248,13 +250,15 @@ def _accuracy_rows(model: Any, data: tuple[np.ndarray, np.ndarray], batch: int,
 
 
 def write_report(report: BenchReport, out: str | Path) -> list[Path]:
-    """bench.json, latency.csv, accuracy.csv (with data), latency.png, accuracy.png."""
+    """bench.json, latency.csv, accuracy.csv (with data), and where matplotlib is installed
+    latency.png and accuracy.png."""
     out = Path(out)
     written = [atomic_write_json(out / "bench.json", report.to_dict())]
     written.append(_write_csv(out / "latency.csv", [asdict(r) for r in report.latency]))
     if report.accuracy:
         written.append(_write_csv(out / "accuracy.csv", [asdict(r) for r in report.accuracy]))
-    written += _plots(report, out)
+    if available("matplotlib"):
+        written += _plots(report, out)
     return written
 
 

@@ -33,12 +33,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import LatencyProfile, Manifest, Thresholds, load_manifest
+from byot_edge.extras import require
+from byot_edge.manifest import LatencyProfile, Manifest, Thresholds, load_manifest
 from byot_edge.runtime.policies import NEVER, check_criterion, confidence, exits_for_thresholds
 from byot_edge.runtime.profile import parse_plan_key
 
@@ -174,26 +174,16 @@ class Costs:
 
 
 def segment_flops(manifest: Manifest) -> tuple[list[float], list[float]]:
-    """Per segment at batch 1, counted on the rebuilt network (no weights needed): the FLOPs
-    of its section (the stem included in the first) and of its exit's branch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from byot_edge.models import model_from_config
-
-    model = model_from_config(manifest.model).eval()
-    h: Any = torch.zeros(1, *manifest.input.shape)
-    sections, branches = [], []
-    with torch.no_grad():
-        for seg in model.segments():
-            with FlopCounterMode(display=False) as counter:
-                y = seg.section(seg.prefix(h))
-            sections.append(float(counter.get_total_flops()))
-            with FlopCounterMode(display=False) as counter:
-                seg.head(y)
-            branches.append(float(counter.get_total_flops()))
-            h = y
-    return sections, branches
+    """Per segment at batch 1, as export counted them: the FLOPs of its section (the stem
+    included in the first) and of its exit's branch."""
+    sections = [e.section_flops for e in manifest.exits]
+    branches = [e.branch_flops for e in manifest.exits]
+    if any(v is None for v in (*sections, *branches)):
+        raise ByotError(f"the manifest in {manifest.root} predates per-segment FLOPs, which "
+                        "calibration prices a cascade by; re-export it with `byot-edge export "
+                        f"CHECKPOINT --out {manifest.root} --segments` (thresholds and profiles "
+                        "are kept)")
+    return [float(v) for v in sections], [float(v) for v in branches]  # type: ignore[arg-type]
 
 
 def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "p50",
@@ -203,16 +193,9 @@ def manifest_costs(manifest: Manifest, backend: str | None = None, stat: str = "
     (batch 1 is the anytime case; a server batching requests is priced at its own batch)."""
     notes: list[str] = []
     alone = [float(e.flops) for e in manifest.exits]
-    branches: list[float] | None = None
-    try:
-        sections, heads = segment_flops(manifest)
-        cascade = list(np.cumsum(np.add(sections, heads)))
-        branches = heads[:-1]
-    except Exception as e:  # an architecture that cannot be rebuilt here: a lower bound
-        cascade = alone
-        notes.append(f"could not count segment FLOPs ({type(e).__name__}); the cascade's FLOPs "
-                     "are those of each exit alone, an underestimate")
-    costs = Costs([float(c) for c in cascade], alone, notes=notes, branch_flops=branches)
+    sections, heads = segment_flops(manifest)
+    cascade = list(np.cumsum(np.add(sections, heads)))
+    costs = Costs([float(c) for c in cascade], alone, notes=notes, branch_flops=heads[:-1])
     profiles = [p for p in manifest.latency_profiles if backend in (None, p.backend)]
     if backend and not profiles and manifest.latency_profiles:
         notes.append(f"the manifest has no latency profile for {backend}; costs are FLOPs")
@@ -641,6 +624,8 @@ def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
                        batch: int | None = None, plot: str | Path | None = None,
                        write: bool = True) -> Calibration:
     """Load, calibrate, write the thresholds into the manifest, optionally plot."""
+    if plot:  # before any work, rather than after the thresholds are written
+        require("matplotlib", "for --plot")
     manifest = load_manifest(manifest_path)
     val = load_logits(logits_path)
     if val.logits.shape[2] != len(manifest.class_names):

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from byot_edge.data import Arrays, Batches, DatasetInfo
+from byot_edge.data import Batches
+from byot_edge.datasets import Arrays, DatasetInfo
 from byot_edge.errors import ByotError
 from byot_edge.fileio import atomic_write
 from byot_edge.models import MultiExitNet

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from byot_edge.checkpoint import load_checkpoint, save_checkpoint
-from byot_edge.data import Arrays, Batches, dataset_info, load_arrays, train_val_split
+from byot_edge.data import Batches
+from byot_edge.datasets import Arrays, dataset_info, load_arrays, train_val_split
 from byot_edge.errors import ByotError
 from byot_edge.evaluate import accuracy_rows, predict_logits
 from byot_edge.losses import LossConfig, multi_exit_loss

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs byot-edge with its extras into it. Idempotent.
+# Creates .venv (if missing) and installs byot-edge with what training, deployment, serving
+# and the tests need. Idempotent.
 # PyTorch comes from your pip configuration: the CUDA or CPU build your index serves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,4 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "installing torch + torchvision (several GB for a CUDA build; a few minutes)..."
   .venv/bin/python -m pip install -q torch torchvision
 fi
-.venv/bin/python -m pip install -q -e ".[serve,dev]"
+.venv/bin/python -m pip install -q -e ".[train,onnxruntime,serve,dev]"

@@ -26,7 +26,7 @@ from PIL import Image
 
 from byot_edge.checkpoint import load_checkpoint, save_checkpoint
 from byot_edge.export.exporter import export_checkpoint
-from byot_edge.export.manifest import Thresholds
+from byot_edge.manifest import Thresholds
 from byot_edge.models import model_from_config
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.backends import get_backend

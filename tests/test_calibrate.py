@@ -21,7 +21,7 @@ from byot_edge.calibrate import (
     write_thresholds,
 )
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import (
+from byot_edge.manifest import (
     ExitEntry,
     InputSpec,
     LatencyProfile,
@@ -180,7 +180,9 @@ def test_test_split_is_warned_about() -> None:
 
 
 def small_manifest(tmp_path: Path) -> Manifest:
-    exits = [ExitEntry(k, f"layer{k}", 8 * k, 2 ** k, 1000 * k, 10 * k) for k in range(1, 5)]
+    # Sections of 900k FLOPs, branches of 100k (the deepest: its pool + fc), as export counts.
+    exits = [ExitEntry(k, f"layer{k}", 8 * k, 2 ** k, 1000 * k, 10 * k, section_flops=900,
+                       branch_flops=100) for k in range(1, 5)]
     model = {"arch": "resnet18", "num_classes": 10, "in_chans": 3, "input_size": 32,
              "stem": "cifar", "width": 0.125, "extra": {}}
     m = Manifest(model, [f"c{i}" for i in range(10)], InputSpec([3, 32, 32]), exits,
@@ -189,12 +191,19 @@ def small_manifest(tmp_path: Path) -> Manifest:
     return load_manifest(tmp_path)
 
 
+def test_a_manifest_without_segment_flops_says_to_re_export(tmp_path: Path) -> None:
+    m = small_manifest(tmp_path)
+    m.exits[2].section_flops = None  # as written by exports before they were counted
+    with pytest.raises(ByotError, match=r"predates per-segment FLOPs.*re-export"):
+        manifest_costs(m)
+
+
 def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     m = small_manifest(tmp_path)
     costs = manifest_costs(m)
-    # Counted on the rebuilt network: the cascade to exit k runs every branch before it.
+    # As export counted them: the cascade to exit k runs every branch before it.
     assert costs.latency_cascade is None
-    assert all(b > a for a, b in zip(costs.flops_cascade, costs.flops_cascade[1:], strict=False))
+    assert costs.flops_cascade == [1000, 2000, 3000, 4000]
     entries = [{"exit": k, "truncated": {"p50": 2.0 * k}, "segment": {"p50": 1.0 * k},
                 "spans": {str(i): {"p50": 0.9 * (k - i + 1)} for i in range(1, k)}}
                for k in range(1, 5)]
@@ -207,8 +216,7 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.span_latency[(1, 4)] == pytest.approx(1.8)  # 0.9 * 4 segments / batch 2
     assert len(costs.span_latency) == 6
     # FLOPs: each shallow exit's branch, what switching the exit off saves.
-    assert costs.branch_flops is not None and len(costs.branch_flops) == 3
-    assert all(b > 0 for b in costs.branch_flops)
+    assert costs.branch_flops == [100, 100, 100]
     assert manifest_costs(m, backend="tensorrt").latency_cascade is None
     # A server batching requests prices the cascade at its own batch size.
     at8 = manifest_costs(m, batch=8)

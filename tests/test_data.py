@@ -8,14 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from byot_edge.data import (
-    Batches,
-    _random_crop,
-    dataset_info,
-    load_arrays,
-    synthetic_arrays,
-    train_val_split,
-)
+from byot_edge.data import Batches, _random_crop
+from byot_edge.datasets import dataset_info, load_arrays, synthetic_arrays, train_val_split
 from byot_edge.errors import ByotError
 
 

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 from byot_edge.errors import ByotError
 from byot_edge.export import graph
 from byot_edge.export.exporter import export_checkpoint
-from byot_edge.export.manifest import (
+from byot_edge.fileio import sha256_file
+from byot_edge.manifest import (
     SEGMENT_ONNX,
     TRUNCATED_ONNX,
     LatencyProfile,
     Thresholds,
     load_manifest,
 )
-from byot_edge.fileio import sha256_file
 
 TS = {"exporter": "torchscript"}  # seconds per export on a small CPU, not tens
 
@@ -180,3 +180,12 @@ def test_cli_bad_exit(ckpt, tmp_path):
                                          str(tmp_path / "d")])
     assert result.exit_code == 2
     assert "1..4" in result.output
+
+
+def test_export_records_what_each_segment_costs(exported_1_2):
+    # Calibration prices cascades by these, on a device without torch: exit k alone is
+    # sections 1..k plus branch k, FLOP for FLOP.
+    m = load_manifest(exported_1_2)
+    for k, e in enumerate(m.exits, 1):
+        sections = sum(x.section_flops for x in m.exits[:k])
+        assert e.branch_flops > 0 and sections + e.branch_flops == e.flops, k

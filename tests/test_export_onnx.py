@@ -20,15 +20,15 @@ from conftest import make_checkpoint
 
 from byot_edge.checkpoint import load_model
 from byot_edge.export.exporter import export_checkpoint
-from byot_edge.export.join import join_segments
-from byot_edge.export.manifest import (
+from byot_edge.export.metadata import validate_metadata
+from byot_edge.fileio import sha256_file
+from byot_edge.manifest import (
     SEGMENT_ONNX,
     TRUNCATED_ONNX,
     load_manifest,
 )
-from byot_edge.export.metadata import validate_metadata
-from byot_edge.fileio import sha256_file
 from byot_edge.models import list_models
+from byot_edge.runtime.backends.onnx_join import join_segments
 
 RTOL = 1e-4
 

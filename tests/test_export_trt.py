@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from byot_edge.errors import ByotError
 from byot_edge.export.exporter import export_checkpoint
-from byot_edge.export.manifest import SEGMENT_TRT, TRUNCATED_TRT, load_manifest
 from byot_edge.export.trt_build import TrtOptions
 from byot_edge.export.trt_env import local_gpu
 from byot_edge.fileio import sha256_file
+from byot_edge.manifest import SEGMENT_TRT, TRUNCATED_TRT, load_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

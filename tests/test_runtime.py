@@ -21,7 +21,7 @@ from byot_edge.checkpoint import load_checkpoint, save_checkpoint
 from byot_edge.cli import app
 from byot_edge.errors import ByotError
 from byot_edge.export.exporter import export_checkpoint
-from byot_edge.export.manifest import LatencyProfile, Thresholds, load_manifest
+from byot_edge.manifest import LatencyProfile, Thresholds, load_manifest
 from byot_edge.models import model_from_config
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.backends import get_backend
@@ -305,12 +305,13 @@ def test_budget_picks_the_deepest_exit_the_profile_fits(fresh: Path) -> None:
     m.save()
     model = load(fresh, "onnxruntime")
     x = np.zeros((1, 3, 32, 32), np.float32)
-    assert {p.exit for p in model.predict(x, budget_ms=25)} == {2}
+    assert {p.exit for p in model.predict(x, budget_ms=25, stat="p90")} == {2}
     # A batch of 3 with only a batch-1 profile: latencies scaled by 3 (30, 60, 90, 120).
     assert {p.exit for p in model.predict(np.zeros((3, 3, 32, 32), np.float32),
-                                          budget_ms=65)} == {2}
-    assert {p.exit for p in model.predict(x, budget_ms=1000)} == {4}
-    assert {p.exit for p in model.predict(x, budget_ms=35, stat="p50")} == {4}  # p50 = 17.5
+                                          budget_ms=65, stat="p90")} == {2}
+    assert {p.exit for p in model.predict(x, budget_ms=1000, stat="p90")} == {4}
+    # The default is p50 (17.5 for exit 4): a p90 taken under load fits no budget.
+    assert {p.exit for p in model.predict(x, budget_ms=35)} == {4}
     with pytest.warns(RuntimeWarning, match="no exit fits"):
         assert {p.exit for p in model.predict(x, budget_ms=1)} == {1}
     # A profile of another device is used, with a warning naming it.
@@ -319,7 +320,7 @@ def test_budget_picks_the_deepest_exit_the_profile_fits(fresh: Path) -> None:
     m.save()
     model = load(fresh, "onnxruntime")
     with pytest.warns(RuntimeWarning, match="Some GPU"):
-        assert {p.exit for p in model.predict(x, budget_ms=25)} == {2}
+        assert {p.exit for p in model.predict(x, budget_ms=25, stat="p90")} == {2}
 
 
 def test_deadline_stops_before_overrunning_the_budget(fresh: Path, deployed: Deployed) -> None:
@@ -413,7 +414,7 @@ def test_predict_command_reads_images(deployed: Deployed, tmp_path: Path,
 
 
 def test_images_follow_the_manifest_channels_and_size(tmp_path: Path) -> None:
-    from byot_edge.export.manifest import InputSpec
+    from byot_edge.manifest import InputSpec
     from byot_edge.runtime.preprocess import load_image, load_images
 
     rgb = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)

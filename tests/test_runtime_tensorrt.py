@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import (
+from byot_edge.manifest import (
     ExitEntry,
     FileEntry,
     InputSpec,

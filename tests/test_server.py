@@ -535,21 +535,30 @@ def docs_server(deployed: Deployed) -> Iterator[Server]:
 
 @pytest.fixture
 def docs_dir(tmp_path: Path, deployed: Deployed) -> Path:
-    """The files the examples name: cat.png and batch.npy."""
-    shutil.copy(next(p for p in deployed.images if p.suffix == ".png"), tmp_path / "cat.png")
-    np.save(tmp_path / "batch.npy", np.zeros((2, 3, 32, 32), np.float32))
+    """Laid out as the quickstart's folder: the image the examples name (batch.npy is made
+    by the docs' own command)."""
+    (tmp_path / "images").mkdir()
+    shutil.copy(next(p for p in deployed.images if p.suffix == ".png"),
+                tmp_path / "images" / "test0_ankle-boot.png")
     return tmp_path
 
 
 def test_docs_curl_examples_work_as_written(docs_server: Server, deployed: Deployed,
                                             docs_dir: Path) -> None:
     lines = [line for block in code_blocks("bash") for line in block.splitlines()
-             if line.startswith("curl")]
-    assert len(lines) >= 3
-    env = {"PATH": "/usr/bin:/bin", "NO_PROXY": "*", "BYOT_EDGE_TOKEN": TOKEN}
+             if line.startswith(("curl", "python -c"))]
+    assert len(lines) >= 4
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "NO_PROXY": "*",
+           "BYOT_EDGE_TOKEN": TOKEN}
     token_server = None
     try:
         for line in lines:
+            if line.startswith("python -c"):  # makes a file the next examples send
+                out = subprocess.run(["bash", "-c", as_here(line, docs_server, deployed)],
+                                     cwd=docs_dir, env=env, capture_output=True, text=True,
+                                     timeout=60)
+                assert out.returncode == 0, (line, out.stderr)
+                continue
             target = docs_server
             if "BYOT_EDGE_TOKEN" in line:
                 if token_server is None:

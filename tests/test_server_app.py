@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from byot_edge.cli import app as cli_app
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import load_manifest
+from byot_edge.manifest import load_manifest
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.backends import artifact_name
 from byot_edge.runtime.batching import Batcher

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from byot_edge.checkpoint import load_checkpoint, load_model
-from byot_edge.data import dataset_info, load_arrays
+from byot_edge.datasets import dataset_info, load_arrays
 from byot_edge.errors import ByotError
 from byot_edge.evaluate import evaluate
 from byot_edge.train import Diverged, config_from_recipe, train

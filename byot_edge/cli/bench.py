@@ -80,5 +80,9 @@ def bench(
         console.print(f"[yellow]skipped {name}:[/] {escape(why)}")
     if report.power:
         console.print(f"power (tegrastats): {report.power}")
-    for path in write_report(report, out):
+    written = write_report(report, out)
+    for path in written:
         console.print(f"wrote {path}")
+    if not any(p.suffix == ".png" for p in written):
+        console.print("no PNG plots: matplotlib is not installed (pip install "
+                      "'byot-edge[plot]')", highlight=False)

@@ -103,7 +103,7 @@ def predict_command(
     criterion: Annotated[str | None, typer.Option(
         help="max_softmax, entropy or margin (default: the calibrated one).")] = None,
     stat: Annotated[str, typer.Option(help="Profiled statistic a budget is compared with: "
-                                           "p50, p90, p99 or mean.")] = "p90",
+                                           "p50, p90, p99 or mean.")] = "p50",
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
 ) -> None:
@@ -122,7 +122,10 @@ def predict_command(
             budget_ms, exit_, criterion, stat)
         result = model.run(batch, opts)
     table = Table("image", "class", "confidence", "exit", "ms",
-                  title=f"{result.mode} on {backend} ({model.backend.device})")
+                  title=f"{result.mode} on {backend} ({model.backend.device})",
+                  caption=f"ms: from the start of the batch ({len(images)} image"
+                          f"{'s' if len(images) != 1 else ''} run together) until the exit "
+                          "that answered the image")
     for path, p in zip(images, result.predictions(model.class_names), strict=True):
         table.add_row(str(path), p.label, f"{p.confidence:.3f}", str(p.exit), f"{p.latency_ms:.2f}")
     console.print(table)
@@ -213,11 +216,13 @@ def profile_command(
     manifest: Annotated[Path, typer.Argument(help="manifest.json to store the profile in.")],
     backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    batch: Annotated[str, typer.Option(
+        help="Comma-separated batch sizes, e.g. 1,8,32 for a server that batches.")] = "1",
     warmup: Annotated[int, typer.Option(help="Untimed runs before timing.")] = 10,
     runs: Annotated[int, typer.Option(help="Timed runs per file and batch size.")] = 100,
     max_seconds: Annotated[float, typer.Option(
-        help="Time for at most this long per file or plan (at least 5 runs each).")] = 10.0,
+        help="Time for at most this long per file or plan (at least 5 runs each); the "
+             "default is quick, 10 gives steadier figures.")] = 1.0,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
 ) -> None:
@@ -226,9 +231,9 @@ def profile_command(
 
     A span i-k is segments i..k joined: what the cascade runs when exits i..k-1 are off. A
     plan is the exits that are on ("1,3,4"); calibration prices it as measured."""
-    from byot_edge.export.manifest import load_manifest
+    from byot_edge.manifest import load_manifest
     from byot_edge.runtime.backends import get_backend
-    from byot_edge.runtime.profile import profile_backend, store_profiles
+    from byot_edge.runtime.profile import NOISY, noise, profile_backend, store_profiles
 
     m = load_manifest(manifest)
     options = {"threads": threads} if threads else {}
@@ -254,3 +259,9 @@ def profile_command(
                              f"{len(p.exits[-1].get('plans', {}))} cascade plans timed")
         console.print(table)
     console.print(f"stored {len(profiles)} profile(s) in {path}")
+    spread = max(noise(p) for p in profiles)
+    if spread > NOISY:
+        err_console.print(
+            f"[yellow]note:[/] noisy timings: a file's p90 is up to {spread:.1f}x its p50 "
+            "(another process shares the CPU?); budgets compare with p50 by default. For "
+            "steadier figures profile on an idle machine with --max-seconds 10", highlight=False)

@@ -1,6 +1,6 @@
 """Export: truncated exits and cascade segments to ONNX and TensorRT, and the manifest.
 
-Kept import-light (the runtime imports `byot_edge.export.manifest`); the parts:
+Kept import-light (the runtime imports `byot_edge.manifest`); the parts:
 - `exporter.export_checkpoint`: the one entry point (checkpoint -> checked files + manifest);
 - `graph`: one ONNX capture of the network, cut into per-exit files and segments;
 - `checks`: ONNX Runtime against PyTorch; `metadata`: what each ONNX file says about itself;

@@ -71,11 +71,8 @@ def check_inputs(state: dict[str, Any], shape: Sequence[int], n: int,
     if not name:
         raise ByotError("the checkpoint does not say which dataset it was trained on; pass "
                         "--dataset NAME with --data-dir")
-    try:
-        from byot_edge.data import load_arrays
-    except ImportError:
-        raise ByotError("this byot-edge has no data loaders (byot_edge.data); drop --data-dir "
-                        "to check on random inputs") from None
+    from byot_edge.datasets import load_arrays
+
     arrays = load_arrays(name, data_dir, "test")
     images = arrays[0] if isinstance(arrays, tuple) else arrays.images
     if len(images) == 0:

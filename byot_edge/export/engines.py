@@ -18,15 +18,15 @@ import numpy as np
 
 from byot_edge.export import graph, precision
 from byot_edge.export.checks import CheckReport, compare, ort_session, torch_outputs
-from byot_edge.export.manifest import (
+from byot_edge.export.staging import Staging
+from byot_edge.export.trt_build import TIMING_CACHE_NAME, BuildJob, EngineBuilder
+from byot_edge.manifest import (
     SEGMENT_ONNX,
     SEGMENT_TRT,
     TRUNCATED_ONNX,
     TRUNCATED_TRT,
     FileEntry,
 )
-from byot_edge.export.staging import Staging
-from byot_edge.export.trt_build import TIMING_CACHE_NAME, BuildJob, EngineBuilder
 from byot_edge.models import MultiExitNet
 
 _ENGINE_KIND = {TRUNCATED_ONNX: TRUNCATED_TRT, SEGMENT_ONNX: SEGMENT_TRT}

@@ -28,15 +28,6 @@ from byot_edge.export.checks import (
     failure_message,
     torch_outputs,
 )
-from byot_edge.export.manifest import (
-    MANIFEST_NAME,
-    SEGMENT_ONNX,
-    TRUNCATED_ONNX,
-    FileEntry,
-    Manifest,
-    TensorSpec,
-    load_manifest,
-)
 from byot_edge.export.metadata import essentials, write_metadata
 from byot_edge.export.records import (
     Written,
@@ -49,6 +40,15 @@ from byot_edge.export.records import (
 )
 from byot_edge.export.staging import Staging, staging
 from byot_edge.fileio import sha256_file
+from byot_edge.manifest import (
+    MANIFEST_NAME,
+    SEGMENT_ONNX,
+    TRUNCATED_ONNX,
+    FileEntry,
+    Manifest,
+    TensorSpec,
+    load_manifest,
+)
 from byot_edge.models import MultiExitNet, model_from_config
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def export_checkpoint(
                          root=out)
         manifest = merge(existing, fresh, Written(files, weights), say)
         # Validate before anything is renamed: a manifest that cannot be saved aborts cleanly.
-        from byot_edge.export.manifest import validate_manifest_dict
+        from byot_edge.manifest import validate_manifest_dict
 
         validate_manifest_dict(manifest.to_dict(), out / MANIFEST_NAME)
         stage.commit()

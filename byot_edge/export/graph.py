@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from byot_edge.errors import ByotError
-from byot_edge.export.join import LOGITS
+from byot_edge.manifest import LOGITS
 from byot_edge.models import MultiExitNet
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from byot_edge.export.manifest import (
+from byot_edge.manifest import (
     SEGMENT_ONNX,
     SEGMENT_TRT,
     TRUNCATED_ONNX,
@@ -62,8 +62,31 @@ def val_accuracy(state: dict[str, Any], k: int) -> float | None:
 
 
 def exit_entries(state: dict[str, Any], model: MultiExitNet) -> list[ExitEntry]:
+    sections, branches = segment_flops(model)
     return [ExitEntry(e.index, e.stage, e.channels, e.stride, e.flops, e.params,
-                      val_accuracy(state, e.index)) for e in model.exits]
+                      val_accuracy(state, e.index), section_flops=section, branch_flops=branch)
+            for e, section, branch in zip(model.exits, sections, branches, strict=True)]
+
+
+def segment_flops(model: MultiExitNet) -> tuple[list[int], list[int]]:
+    """Per segment at batch 1: the FLOPs of its section (the stem included in the first) and
+    of its exit's branch; what calibration prices a cascade by, without torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h: Any = torch.zeros(1, model.config.in_chans, model.config.input_size,
+                         model.config.input_size)
+    sections, branches = [], []
+    with torch.no_grad():
+        for seg in model.segments():
+            with FlopCounterMode(display=False) as counter:
+                y = seg.section(seg.prefix(h))
+            sections.append(int(counter.get_total_flops()))
+            with FlopCounterMode(display=False) as counter:
+                seg.head(y)
+            branches.append(int(counter.get_total_flops()))
+            h = y
+    return sections, branches
 
 
 @dataclass

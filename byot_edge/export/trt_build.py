@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from byot_edge.errors import ByotError
 from byot_edge.export.checks import CheckReport
-from byot_edge.export.manifest import FileEntry, TensorSpec
 from byot_edge.export.trt_env import BuildTarget, build_target, import_tensorrt, version_tuple
 from byot_edge.fileio import atomic_write_bytes, sha256_file
+from byot_edge.manifest import FileEntry, TensorSpec
 
 if TYPE_CHECKING:
     from byot_edge.export.staging import Staging

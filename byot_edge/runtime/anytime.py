@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import Manifest, Thresholds, load_manifest
+from byot_edge.manifest import Manifest, Thresholds, load_manifest
 from byot_edge.runtime.backends import (
     EXIT,
     SEGMENT,
@@ -73,7 +73,7 @@ class PredictOptions:
     budget_ms: float | None = None
     exit: int | None = None
     criterion: str | None = None  # default: the calibrated one, else max_softmax
-    stat: str = "p90"  # which profiled latency a budget is compared with
+    stat: str = "p50"  # which profiled latency a budget is compared with
 
     def validate(self, num_exits: int) -> None:
         if self.exit is not None and (self.threshold is not None or self.budget_ms is not None):
@@ -135,7 +135,7 @@ class AnytimeModel:
 
     def predict(self, batch: Any, *, threshold: float | Sequence[float] | None = None,
                 budget_ms: float | None = None, exit: int | None = None,
-                criterion: str | None = None, stat: str = "p90") -> list[Prediction]:
+                criterion: str | None = None, stat: str = "p50") -> list[Prediction]:
         """One Prediction per sample of `batch` ([N, C, H, W], normalised as the manifest says)."""
         options = PredictOptions(threshold, budget_ms, exit, criterion, stat)
         return self.run(batch, options).predictions(self.class_names)

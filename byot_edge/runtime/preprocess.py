@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import InputSpec
+from byot_edge.manifest import InputSpec
 
 
 def _expected(spec: InputSpec) -> str:

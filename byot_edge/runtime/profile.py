@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import LatencyProfile, Manifest
+from byot_edge.manifest import LatencyProfile, Manifest
 from byot_edge.runtime.backends import EXIT, SEGMENT, Backend, artifact_name, span_name
 
 STATS = ("p50", "p90", "p99", "mean")
@@ -122,6 +122,17 @@ def profile_backend(backend: Backend, batches: Sequence[int] = (1, 8, 32), *,
         profiles.append(LatencyProfile(backend.name, backend.device, b,
                                        _entries(manifest.num_exits, calls), created))
     return profiles
+
+
+# A p90 above this multiple of the p50 means the timings were disturbed.
+NOISY = 1.5
+
+
+def noise(profile: LatencyProfile) -> float:
+    """The largest p90/p50 over the profile's files: about 1 on a quiet machine."""
+    ratios = [e[w]["p90"] / e[w]["p50"] for e in profile.exits for w in ("truncated", "segment")
+              if w in e and e[w]["p50"] > 0]
+    return max(ratios, default=1.0)
 
 
 def _calls_to_time(backend: Backend, x: np.ndarray) -> dict[str, Callable[[], Any]]:
@@ -240,7 +251,7 @@ def stat_of(entry: dict, what: str, stat: str) -> float | None:
     return None if d is None else float(d[stat])
 
 
-def exit_latencies(choice: ProfileChoice, stat: str = "p90") -> list[float]:
+def exit_latencies(choice: ProfileChoice, stat: str = "p50") -> list[float]:
     """Per exit k, the time to get exit k's answer by the cheapest recorded route: its
     truncated file, else segments 1..k."""
     check_stat(stat)
@@ -258,7 +269,7 @@ def exit_latencies(choice: ProfileChoice, stat: str = "p90") -> list[float]:
     return out
 
 
-def segment_latencies(choice: ProfileChoice, stat: str = "p90") -> list[float] | None:
+def segment_latencies(choice: ProfileChoice, stat: str = "p50") -> list[float] | None:
     """Per segment k, its time (None when the profile has no segments)."""
     check_stat(stat)
     segs = [stat_of(e, "segment", stat) for e in sorted(choice.profile.exits,

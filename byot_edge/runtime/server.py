@@ -41,7 +41,7 @@ try:
 except ImportError:
     raise missing_dependency("fastapi", "serve", "to serve models") from None
 
-from byot_edge.export.manifest import InputSpec
+from byot_edge.manifest import InputSpec
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.batching import Answer, Batcher, BatcherClosed
 from byot_edge.runtime.metrics import ServerMetrics
@@ -555,7 +555,7 @@ def create_app(model: AnytimeModel, config: ServeConfig | None = None) -> FastAP
         criterion: Annotated[Literal["max_softmax", "entropy", "margin"] | None, Query(
             description="Confidence criterion (default: the calibrated one).")] = None,
         stat: Annotated[Literal["p50", "p90", "p99", "mean"], Query(
-            description="Profiled latency statistic a budget is compared with.")] = "p90",
+            description="Profiled latency statistic a budget is compared with.")] = "p50",
     ) -> PredictResponse:
         """Classify an image or a tensor; options go in the query string."""
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import Any
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import Manifest
+from byot_edge.manifest import Manifest
 from byot_edge.runtime.backends.base import (
     EXIT,
     SEGMENT,

@@ -12,7 +12,6 @@ the manifest records for the file, so the anytime model never hard-codes a name.
 
 from __future__ import annotations
 
-import platform
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import FileEntry, Manifest
+from byot_edge.manifest import FileEntry, Manifest
 
 EXIT = "exit"
 SEGMENT = "segment"
@@ -90,16 +89,6 @@ def io_from_entry(entry: FileEntry, where: str) -> ArtifactIO:
                         "with `byot-edge export`")
     section = [t.name for t in outs if t is not logits[0]]
     return ArtifactIO(entry.inputs[0].name, logits[0].name, section[0] if section else None)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 class Backend(ABC):

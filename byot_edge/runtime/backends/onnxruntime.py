@@ -8,17 +8,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from byot_edge.errors import ByotError, missing_dependency
-from byot_edge.export.manifest import SEGMENT_ONNX, TRUNCATED_ONNX
+from byot_edge.manifest import SEGMENT_ONNX, TRUNCATED_ONNX
 from byot_edge.runtime.backends.base import (
     EXIT,
     SEGMENT,
     ArtifactIO,
     Backend,
     artifact_name,
-    cpu_name,
     io_from_entry,
     parse_span,
 )
+from byot_edge.runtime.backends.devices import cpu_name, gpu_name
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -59,6 +59,7 @@ class OnnxRuntimeBackend(Backend):
                             f"{', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT, "
                             "or use --device cpu")
         self._kind = kind
+        self._gpu_index = int(index or 0)
         opts: dict[str, Any] = {"device_id": int(index)} if index else {}
         self._providers: list[Any] = [
             (p, opts) if p != "CPUExecutionProvider" and opts else p for p in _PROVIDERS[kind]
@@ -76,7 +77,7 @@ class OnnxRuntimeBackend(Backend):
         if provider == "CPUExecutionProvider":
             return f"cpu ({cpu_name()})"
         tag = "cuda" if provider == "CUDAExecutionProvider" else "tensorrt"
-        return f"{tag} ({_gpu_name()})"
+        return f"{tag} ({gpu_name(self._gpu_index)})"
 
     def _load(self, artifact: str) -> ArtifactIO:
         span = parse_span(artifact)
@@ -91,7 +92,7 @@ class OnnxRuntimeBackend(Backend):
         """Segments first..last joined in memory (each file sha256-verified first)."""
         import onnx
 
-        from byot_edge.export.join import join_segments
+        from byot_edge.runtime.backends.onnx_join import join_segments
 
         ios, protos = [], []
         for k in range(first, last + 1):
@@ -133,13 +134,3 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         self._sessions.clear()
 
-
-def _gpu_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except ImportError:
-        pass
-    return "gpu"

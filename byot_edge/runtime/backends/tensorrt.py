@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from byot_edge.errors import ByotError, missing_dependency
-from byot_edge.export.manifest import SEGMENT_TRT, TRUNCATED_TRT, Manifest
+from byot_edge.manifest import SEGMENT_TRT, TRUNCATED_TRT, Manifest
 from byot_edge.runtime.backends.base import (
     EXIT,
     SEGMENT,

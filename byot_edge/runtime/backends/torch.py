@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.export.manifest import SEGMENT_ONNX, TRUNCATED_ONNX, Manifest
+from byot_edge.manifest import SEGMENT_ONNX, TRUNCATED_ONNX, Manifest
 from byot_edge.runtime.backends.base import (
     EXIT,
     SEGMENT,
@@ -20,12 +20,12 @@ from byot_edge.runtime.backends.base import (
     ArtifactIO,
     Backend,
     artifact_name,
-    cpu_name,
     default_io,
     io_from_entry,
     parse_artifact,
     parse_span,
 )
+from byot_edge.runtime.backends.devices import cpu_name
 
 
 class TorchBackend(Backend):

@@ -1,4 +1,4 @@
-"""Several cascade segments joined into one ONNX graph (no torch needed: the runtime uses it).
+"""Several cascade segments joined into one ONNX graph, for the ONNX Runtime backend (no torch).
 
 A cascade whose exits i..j-1 are switched off runs segments i..j as one "span": sections
 i..j and exit j's branch only. The branches of the skipped exits are dropped, and the span
@@ -11,12 +11,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from byot_edge.errors import ByotError
+from byot_edge.manifest import LOGITS
 
 if TYPE_CHECKING:
     import onnx
-
-LOGITS = "logits"  # what every written file calls its logits output (see graph.py)
-
 
 def join_segments(segments: Sequence[onnx.ModelProto]) -> onnx.ModelProto:
     """Segments i..j (in order) as one graph: sections i..j and exit j's branch only.

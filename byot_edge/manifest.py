@@ -26,6 +26,8 @@ SEGMENT_ONNX = "segment_onnx"
 TRUNCATED_TRT = "trt"
 SEGMENT_TRT = "segment_trt"
 FILE_KINDS = (TRUNCATED_ONNX, SEGMENT_ONNX, TRUNCATED_TRT, SEGMENT_TRT)
+# What every exported file calls its logits output; a segment's other output is its section.
+LOGITS = "logits"
 
 
 @dataclass
@@ -55,6 +57,10 @@ class ExitEntry:
     params: int
     val_accuracy: float | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)
+    # At batch 1, counted by export: segment k without its branch (the stem too for k = 1),
+    # and exit k's branch. A cascade's cost is their sums; None in manifests of older exports.
+    section_flops: int | None = None
+    branch_flops: int | None = None
 
 
 @dataclass
@@ -114,14 +120,24 @@ class Manifest:
         """Absolute path of exit k's file of `kind`, checked against its sha256."""
         entry = self.exit(k).files.get(kind)
         if entry is None:
-            raise ByotError(f"the manifest in {self.root} has no {kind!r} file for exit {k}; "
-                            f"re-export with `byot-edge export CHECKPOINT --out {self.root}`"
-                            + (" --segments" if kind.startswith("segment") else "")
-                            + (" --format trt" if kind.endswith("trt") else ""))
+            raise ByotError(self._missing_file(k, kind))
         path = self.root / entry.path
         if verify:
             verify_file(path, entry.sha256, k)
         return path
+
+    def _missing_file(self, k: int, kind: str) -> str:
+        segment, engine = kind.startswith("segment"), kind.endswith("trt")
+        what = ("cascade segment" if segment else "file") + (" engine" if engine else " (ONNX)")
+        flags = (" --segments" if segment else "") + (" --format trt" if engine else "")
+        msg = (f"the manifest in {self.root} has no {what} for exit {k}; re-export with "
+               f"`byot-edge export CHECKPOINT --out {self.root}{flags}`")
+        alone = TRUNCATED_TRT if engine else TRUNCATED_ONNX
+        have = [e.index for e in self.exits if alone in e.files]
+        if have:
+            msg += (", or ask for what this folder has: "
+                    + " or ".join(f"--exit {i}" for i in have))
+        return msg
 
     def weights_path(self, verify: bool = True) -> Path:
         if self.weights is None:
@@ -165,7 +181,7 @@ class Manifest:
 
 
 def schema() -> dict[str, Any]:
-    text = resources.files("byot_edge.export").joinpath("manifest.schema.json").read_text()
+    text = resources.files("byot_edge").joinpath("manifest.schema.json").read_text()
     return json.loads(text)
 
 

@@ -1,0 +1,96 @@
+"""The README's deploy-side examples, run as written in a folder laid out as the quickstart's.
+
+The quickstart leaves runs/quickstart/ with deploy/, val_logits.npz and images/; the README
+says every command of its "After the quickstart" block runs from there. Here that folder is
+the session's small exported model, and Fashion-MNIST's test split a few CIFAR-layout
+images of the model's own shape (the only substitution).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_fixtures import deployed_model
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+QUICKSTART_DATA = "/usr/share/datasets/fashion-mnist"
+
+
+def section(title: str) -> str:
+    start = README.index(title)
+    return README[start:README.index("\n### ", start + len(title))]
+
+
+def commands() -> list[str]:
+    (block,) = re.findall(r"```bash\n(.*?)```", section("### After the quickstart"), re.S)
+    return [line.split("  #")[0].strip() for line in block.splitlines()
+            if line.startswith("byot-edge ")]
+
+
+def _cifar_test_split(root: Path, n: int, classes: list[str]) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": classes}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+                     "labels": rng.integers(0, len(classes), n).tolist()}, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory) -> Path:
+    deployed = deployed_model(tmp_path_factory)
+    run = tmp_path_factory.mktemp("quickstart")
+    shutil.copytree(deployed.manifest.parent, run / "deploy")
+    manifest = json.loads((run / "deploy" / "manifest.json").read_text())
+    manifest["dataset"] = "cifar10"  # what the stand-in test split is stored as
+    (run / "deploy" / "manifest.json").write_text(json.dumps(manifest))
+    (run / "images").mkdir()
+    for i, image in enumerate(p for p in deployed.images if p.suffix == ".png"):
+        shutil.copy(image, run / "images" / f"test{i}_image.png")
+    k, classes = len(manifest["exits"]), manifest["class_names"]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(classes), 300)
+    logits = rng.standard_normal((k, len(labels), len(classes))).astype(np.float32)
+    for e in range(k):  # deeper exits know more
+        logits[e, np.arange(len(labels)), labels] += 1.0 + e
+    np.savez(run / "val_logits.npz", logits=logits, labels=labels, split="val",
+             dataset="cifar10", exits=np.arange(1, k + 1))
+    _cifar_test_split(run / "data", 40, classes)
+    return run
+
+
+def test_the_readme_lists_the_deploy_side_commands():
+    verbs = {c.split()[1] for c in commands()}
+    assert {"predict", "profile", "calibrate", "bench"} <= verbs
+
+
+@pytest.mark.parametrize("command", commands())
+def test_readme_command_runs_as_written(quickstart_dir: Path, command: str):
+    line = command.replace(QUICKSTART_DATA, str(quickstart_dir / "data"))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OMP_WAIT_POLICY": "PASSIVE",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "-c", line], cwd=quickstart_dir, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_readme_python_runtime_example_runs_as_written(quickstart_dir: Path):
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S)
+                 if "AnytimeModel.load" in b)
+    r = subprocess.run([sys.executable, "-c", block], cwd=quickstart_dir, capture_output=True,
+                       text=True, timeout=120, env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert r.returncode == 0, r.stderr
+    assert re.match(r"class\d+ 0\.\d+ \d ", r.stdout), r.stdout
