@@ -8,7 +8,9 @@
 # README's "Using it".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# Each step says how long it took (the README quotes these times).
+step() { local start=$SECONDS; "$@"; echo "== ${2#*/} done in $((SECONDS - start)) s"; }
+step bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 DATA=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
@@ -27,22 +29,22 @@ if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ] && [ ! -e "$DATA/train-images-idx
 fi
 
 rm -rf "$RUN"
-byot-edge train --dataset fashion-mnist --data-dir "$DATA" "${DOWNLOAD[@]}" \
+step byot-edge train --dataset fashion-mnist --data-dir "$DATA" "${DOWNLOAD[@]}" \
   --arch resnet18 --width 0.25 --recipe quick --epochs 2 --max-train-samples 12000 --lr 0.2 \
   --val-split 0.1 --out "$RUN"
-byot-edge eval "$RUN/best.pt" --data-dir "$DATA" --split test --json "$RUN/test_eval.json"
-byot-edge eval "$RUN/best.pt" --data-dir "$DATA" --split val --save-logits "$RUN/val_logits.npz"
+step byot-edge eval "$RUN/best.pt" --data-dir "$DATA" --split test --json "$RUN/test_eval.json"
+step byot-edge eval "$RUN/best.pt" --data-dir "$DATA" --split val --save-logits "$RUN/val_logits.npz"
 
 # Deploy: every exit and the cascade segments as ONNX, checked against PyTorch on real images.
-byot-edge export "$RUN/best.pt" --out "$RUN/deploy" --segments --data-dir "$DATA"
+step byot-edge export "$RUN/best.pt" --out "$RUN/deploy" --segments --data-dir "$DATA"
 # What every exit, segment and cascade plan costs on this machine (quick), so that budgets
 # work and calibration prices each plan as measured rather than by FLOPs.
-byot-edge profile "$RUN/deploy/manifest.json" --backend onnxruntime --batch 1
+step byot-edge profile "$RUN/deploy/manifest.json" --backend onnxruntime --batch 1
 # Early-exit thresholds from the held-out validation logits (never the test set).
-byot-edge calibrate "$RUN/deploy/manifest.json" --logits "$RUN/val_logits.npz" --max-drop 0.5 \
+step byot-edge calibrate "$RUN/deploy/manifest.json" --logits "$RUN/val_logits.npz" --max-drop 0.5 \
   --plot "$RUN/calibration.png"
 # What each exit costs here, and the cascade's accuracy on the test split (a short run).
-byot-edge bench "$RUN/deploy/manifest.json" --backend onnxruntime --batch 1,32 --data-dir "$DATA" \
+step byot-edge bench "$RUN/deploy/manifest.json" --backend onnxruntime --batch 1,32 --data-dir "$DATA" \
   --limit 1000 --runs 50 --max-seconds 0.3 --out "$RUN/bench"
 # A few test images as PNG files, answered by the anytime model.
 python - "$DATA" "$RUN/images" <<'PY'
@@ -57,6 +59,6 @@ for i in range(6):
     name = re.sub(r"[^a-z0-9]+", "-", test.class_names[test.labels[i]].lower())
     Image.fromarray(test.images[i, 0]).save(out / f"test{i}_{name}.png")
 PY
-byot-edge predict "$RUN/deploy/manifest.json" "$RUN"/images/*.png
-echo "done: checkpoints, deploy/ (ONNX + manifest), bench/ and plots are in $RUN"
+step byot-edge predict "$RUN/deploy/manifest.json" "$RUN"/images/*.png
+echo "done in $SECONDS s: checkpoints, deploy/ (ONNX + manifest), bench/ and plots are in $RUN"
 echo "next: source .venv/bin/activate && cd $RUN   # then try the README's \"Using it\" examples"

@@ -58,7 +58,9 @@ def quickstart_dir(tmp_path_factory) -> Path:
     (run / "deploy" / "manifest.json").write_text(json.dumps(manifest))
     (run / "images").mkdir()
     for i, image in enumerate(p for p in deployed.images if p.suffix == ".png"):
-        shutil.copy(image, run / "images" / f"test{i}_image.png")
+        # the first under the name the README gives it (Fashion-MNIST's first test image)
+        shutil.copy(image, run / "images" / (f"test{i}_image.png" if i else
+                                             "test0_ankle-boot.png"))
     k, classes = len(manifest["exits"]), manifest["class_names"]
     rng = np.random.default_rng(0)
     labels = rng.integers(0, len(classes), 300)
