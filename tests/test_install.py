@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -99,10 +100,11 @@ def test_runtime_imports_neither_export_models_nor_torch():
     assert bad == []
 
 
-# Runs first in the subprocess: the training stack "is not installed".
+# Runs first in the subprocess: the training stack (and what BYOT_BLOCK adds) "is not
+# installed".
 BLOCK = textwrap.dedent(f"""
-    import sys
-    BLOCKED = {TRAINING_STACK!r}
+    import os, sys
+    BLOCKED = {TRAINING_STACK!r} + tuple(filter(None, os.environ.get("BYOT_BLOCK", "").split(",")))
     class _NotInstalled:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
@@ -112,9 +114,11 @@ BLOCK = textwrap.dedent(f"""
 """)
 
 
-def run_without_torch(code: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_without_torch(code: str, *args: str, also: tuple[str, ...] = (),
+                      timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BYOT_BLOCK": ",".join(also)}
     return subprocess.run([sys.executable, "-c", BLOCK + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +208,17 @@ def test_deploy_commands_without_the_training_stack(deploy, tmp_path_factory, ar
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize(("args", "extra"), [
-    (["train", "--dataset", "synthetic", "--out", "{tmp}/run"], "train"),
-    (["export", "{tmp}/missing.pt", "--out", "{tmp}/deploy"], "train"),
+@pytest.mark.parametrize(("args", "extra", "also"), [
+    (["train", "--dataset", "synthetic", "--out", "{tmp}/run"], "train", ()),
+    (["export", "{tmp}/missing.pt", "--out", "{tmp}/deploy"], "train", ()),
     (["calibrate", "{deploy}/manifest.json", "--logits", "{deploy}/val.npz", "--dry-run",
-      "--plot", "{tmp}/curve.png"], "plot"),
-], ids=["train", "export", "calibrate-plot"])
-def test_a_command_names_the_extra_it_needs(deploy, tmp_path, args, extra):
-    r = run_without_torch(CLI, *[a.format(tmp=tmp_path, deploy=deploy) for a in args])
+      "--plot", "{tmp}/curve.png"], "plot", ()),
+    (["predict", "{deploy}/manifest.json", "{deploy}/val.npz"], "onnxruntime", ("onnxruntime",)),
+    (["serve", "{deploy}/manifest.json"], "serve", ("fastapi",)),
+], ids=["train", "export", "calibrate-plot", "predict-no-engine", "serve"])
+def test_a_command_names_the_extra_it_needs(deploy, tmp_path, args, extra, also):
+    r = run_without_torch(CLI, *[a.format(tmp=tmp_path, deploy=deploy) for a in args],
+                          also=also)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]

@@ -31,7 +31,8 @@ def _import_ort() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise missing_dependency("onnxruntime", purpose="for --backend onnxruntime") from None
+        raise missing_dependency("onnxruntime", extra="onnxruntime",
+                                 purpose="for --backend onnxruntime") from None
     return onnxruntime
 
 
