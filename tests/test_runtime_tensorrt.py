@@ -83,6 +83,18 @@ def test_old_tensorrt_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         get_backend("tensorrt", engine_manifest(tmp_path, RECORD))
 
 
+def test_tensorrt_for_rtx_versions_are_not_too_old(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # TensorRT for RTX is 1.x with the TensorRT 10 API: engines it built (as CI's are) must
+    # get past the version check to the GPU checks, here the missing CUDA bindings.
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", types.SimpleNamespace(__version__="1.2.0"))
+    for name in ("cuda", "cuda.bindings", "cuda.cudart", "pycuda", "pycuda.driver"):
+        monkeypatch.setitem(sys.modules, name, None)
+    rtx = {**RECORD, "module": "tensorrt_rtx", "tensorrt_version": "1.2.0"}
+    with pytest.raises(ByotError, match=r"cuda-python is not installed"):
+        get_backend("tensorrt", engine_manifest(tmp_path, rtx))
+
+
 def test_missing_cuda_bindings_give_the_install_hint(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))

@@ -89,8 +89,9 @@ def _import_trt(module: str = "tensorrt") -> Any:
     except ImportError:
         raise missing_dependency(module.replace("_", "-"), extra="tensorrt",
                                  purpose="for --backend tensorrt") from None
+    # TensorRT for RTX numbers its releases 1.x and speaks the TensorRT 10 API.
     major = int(str(tensorrt.__version__).split(".")[0])
-    if major < 10:
+    if module == "tensorrt" and major < 10:
         raise ByotError(f"TensorRT {tensorrt.__version__} is too old: this backend needs the "
                         "TensorRT 10 API; install it with: pip install 'byot-edge[tensorrt]'")
     return tensorrt
