@@ -129,3 +129,14 @@ def test_bad_model_requests():
         _model("resnet18").truncate(0)
     with pytest.raises(ByotError, match="stem"):
         create_model("resnet18", num_classes=10, stem="tiny")
+
+
+def test_a_taken_model_name_is_refused():
+    from byot_edge.models import register_model
+
+    def resnet18(**kwargs):  # the name of a builder already registered
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(resnet18)
+    assert create_model("resnet18", num_classes=10, width=0.125).num_exits == 4

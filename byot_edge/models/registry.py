@@ -18,6 +18,10 @@ Builder = Callable[[ModelConfig], MultiExitNet]
 
 
 def register_model(fn: Builder) -> Builder:
+    # A second builder under a taken name would silently replace the first (torchvision's
+    # registry refuses it too).
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"a model named {fn.__name__!r} is already registered")
     _MODELS[fn.__name__] = fn
     return fn
 
