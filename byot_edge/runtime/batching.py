@@ -68,8 +68,10 @@ class _Job:
 
 
 def _slice(result: CascadeResult, s: slice) -> CascadeResult:
+    """One request's rows of a batch's result (every per-sample field)."""
+    probs = None if result.probabilities is None else result.probabilities[s]
     return replace(result, indices=result.indices[s], confidences=result.confidences[s],
-                   exits=result.exits[s], latency_ms=result.latency_ms[s])
+                   exits=result.exits[s], latency_ms=result.latency_ms[s], probabilities=probs)
 
 
 class Batcher:
