@@ -204,6 +204,7 @@ def _latency_rows(profile: Any, manifest: Any) -> list[LatencyRow]:
 
 def _test_data(manifest: Any, data_dir: str | Path, limit: int) -> tuple[np.ndarray, np.ndarray]:
     from byot_edge.datasets import load_arrays
+    from byot_edge.runtime.preprocess import normalise
 
     if not manifest.dataset or manifest.dataset == "synthetic":
         raise ByotError("the manifest names no real dataset, so --data-dir cannot be read; "
@@ -214,10 +215,7 @@ def _test_data(manifest: Any, data_dir: str | Path, limit: int) -> tuple[np.ndar
     if tuple(images.shape[1:]) != tuple(manifest.input.shape):
         raise ByotError(f"{manifest.dataset} in {data_dir} gives images of shape "
                         f"{list(images.shape[1:])}, the model takes {manifest.input.shape}")
-    mean = np.asarray(manifest.input.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(manifest.input.std, np.float32).reshape(1, -1, 1, 1)
-    x = ((images.astype(np.float32) / 255 - mean) / std).astype(manifest.input.dtype)
-    return x, labels
+    return normalise(images, manifest.input), labels
 
 
 def _accuracy_rows(model: Any, data: tuple[np.ndarray, np.ndarray], batch: int,
@@ -304,8 +302,8 @@ def _plots(report: BenchReport, out: Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle(f"{report.model}: latency per exit", fontsize=10)
     fig.tight_layout()
-    paths.append(out / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
+    paths.append(atomic_write(out / "latency.png",
+                              lambda f: fig.savefig(f, format="png", dpi=110)))
     plt.close(fig)
     if report.accuracy:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -326,7 +324,7 @@ def _plots(report: BenchReport, out: Path) -> list[Path]:
         ax.set_title(f"{report.model}: accuracy against latency", fontsize=10)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        paths.append(out / "accuracy.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths.append(atomic_write(out / "accuracy.png",
+                                  lambda f: fig.savefig(f, format="png", dpi=110)))
         plt.close(fig)
     return paths
