@@ -27,8 +27,9 @@ from byot_edge.datasets import Arrays, dataset_info, load_arrays, train_val_spli
 from byot_edge.errors import ByotError
 from byot_edge.evaluate import accuracy_rows, predict_logits
 from byot_edge.fileio import atomic_write_bytes, remove_stale_temps
-from byot_edge.losses import LossConfig, multi_exit_loss
+from byot_edge.losses import METHODS, LossConfig, multi_exit_loss
 from byot_edge.models import create_model
+from byot_edge.models.backbones import STEMS
 
 
 @dataclass
@@ -67,6 +68,45 @@ class TrainConfig:
     download: bool = False
     log_every: int = 20
 
+    def validate(self) -> TrainConfig:
+        """Itself, or a ByotError naming the first option out of range (before any work)."""
+        def finite(v: float) -> bool:
+            return math.isfinite(v)
+
+        rules: list[tuple[str, bool, str]] = [
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", finite(self.lr) and self.lr > 0, "a number > 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("schedule", self.schedule in ("cosine", "multistep"), "cosine or multistep"),
+            ("warmup_epochs", finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
+            ("method", self.method in METHODS, " or ".join(METHODS)),
+            ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
+            ("temperature", finite(self.temperature) and self.temperature > 0, "> 0"),
+            ("feature_weight", finite(self.feature_weight) and self.feature_weight >= 0,
+             ">= 0"),
+            ("width", finite(self.width) and 0 < self.width <= 4, "in (0, 4]"),
+            ("stem", self.stem in STEMS, " or ".join(STEMS)),
+            ("image_size", self.image_size is None or self.image_size >= 8, ">= 8 pixels"),
+            ("val_split", 0 <= self.val_split < 1, "in [0, 1)"),
+            ("max_train_samples", self.max_train_samples is None or self.max_train_samples >= 1,
+             ">= 1 (leave it out for the whole training set)"),
+            ("amp", self.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
+            ("cutout", self.cutout >= 0, ">= 0 (0: off)"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for name, ok, want in rules:
+            if not ok:
+                got = _shown(getattr(self, name))
+                raise ByotError(f"{_option(name)} must be {want}, got {got}")
+        try:
+            torch.device(self.device if self.device != "auto" else "cpu")
+        except RuntimeError:
+            raise ByotError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or "
+                            "cuda:N") from None
+        return self
+
     def loss_config(self) -> LossConfig:
         return LossConfig(self.method, self.alpha, self.temperature, self.feature_weight,
                           tuple(self.feature_exits))
@@ -89,7 +129,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 def config_from_recipe(recipe: str, **overrides: Any) -> TrainConfig:
     if recipe not in RECIPES:
         raise ByotError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-    cfg = TrainConfig(**{**RECIPES[recipe], **overrides, "recipe": recipe})
+    cfg = TrainConfig(**{**RECIPES[recipe], **overrides, "recipe": recipe}).validate()
     if cfg.schedule == "multistep" and not cfg.milestones:
         e = cfg.epochs
         cfg = replace(cfg, milestones=(e / 3, 2 * e / 3, max(e - 10, 2 * e / 3)))
@@ -274,6 +314,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
         given = asdict(cfg)
         given["data_dir"] = cfg.data_dir or state["train_config"].get("data_dir")
         cfg = resume_config(state, given, override=True, source=resume)
+    cfg.validate()
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = _setup_distributed(device)
     amp_dtype = amp_dtype_for(cfg.amp, device)
@@ -285,6 +326,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
 
     model = create_model(cfg.arch, num_classes=num_classes, in_chans=info.in_chans,
                          input_size=info.input_size, stem=cfg.stem, width=cfg.width)
+    bad = [k for k in cfg.feature_exits if not 1 <= k < model.num_exits]
+    if bad:
+        raise ByotError(f"--feature-exits {_shown(tuple(bad))}: only shallow exits "
+                        f"1..{model.num_exits - 1} have features to pull to the deepest's")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from byot_edge.cli.app import app, console, err_console
+from byot_edge.cli.app import app, at_least, console, err_console
+from byot_edge.errors import ByotError
 
 SERVE_EXAMPLE = """
 Examples:
@@ -64,6 +65,9 @@ def serve_command(
     from byot_edge.runtime.anytime import AnytimeModel
     from byot_edge.runtime.server import ServeConfig, serve  # fastapi: only when serving
 
+    if not 0 <= port <= 65535:
+        raise ByotError(f"--port must be a TCP port, 0..65535, got {port}")
+    at_least(threads, 1, "--threads")
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_upload_mb=max_upload_mb, token=token)
     if token is None and not _is_loopback(host):

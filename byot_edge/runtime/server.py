@@ -73,7 +73,8 @@ class ServeConfig:
                   "max_image_pixels": self.max_image_pixels >= 1,
                   "default_top_k": self.default_top_k >= 1,
                   "shutdown_timeout_s": self.shutdown_timeout_s >= 0}
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k} (--{k.replace('_', '-')} {getattr(self, k)})"
+               for k, ok in checks.items() if not ok]
         if bad:
             raise ByotError(f"invalid server settings: {', '.join(bad)} out of range "
                             "(max_wait_ms and shutdown_timeout_s >= 0, the others positive)")
