@@ -45,6 +45,17 @@ def workspace(tmp_path_factory) -> Path:
     assert r.exit_code == 0, r.output
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(ws / "img.png")
     (ws / "junk.txt").write_text("not what it should be\n")
+    # A PNG whose header claims 200 M pixels: Pillow refuses it as a decompression bomb.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    (ws / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     (ws / "junk.pt").write_bytes(b"\x00" * 100)
     # A deploy folder whose weights.pt (hash updated to match) would run code if unpickled.
     evil = ws / "evil"
@@ -133,6 +144,7 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("predict", "junk.txt", IMG), ("junk.txt",)),
     (("predict", M, "missing.png"), ("missing.png",)),
     (("predict", M, "junk.txt"), ("junk.txt",)),
+    (("predict", M, "bomb.png"), ("bomb.png", "too large")),
     (("predict", M, IMG, "--exit", "9"), ("exit", "9")),
     (("predict", M, IMG, "--threshold", "abc"), ("--threshold",)),
     (("predict", M, IMG, "--threshold", "nan"), ("threshold", "finite")),
