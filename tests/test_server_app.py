@@ -222,7 +222,12 @@ def test_a_stalled_upload_gets_408_and_holds_no_queue_slot(model: GatedModel,
             # The only queue slot is free while that client is still sending.
             r = c.post("/v1/predict", content=data, headers={"Content-Type": "application/x-npy"})
             assert r.status_code == 200, r.text
-            reply = sock.recv(4096).decode("latin-1")  # socket timeout: 15 s
+            reply = ""
+            while "}" not in reply:  # the headers, then the JSON body (socket timeout: 15 s)
+                chunk = sock.recv(4096).decode("latin-1")
+                if not chunk:
+                    break
+                reply += chunk
         finally:
             sock.close()
         assert reply.startswith("HTTP/1.1 408"), reply

@@ -634,7 +634,11 @@ def create_app(model: AnytimeModel, config: ServeConfig | None = None) -> FastAP
         with batcher.receiving():  # the batch being formed may wait for this one
             # A client still sending holds no queue slot: slow or stalled uploads (408 after
             # body_timeout_s) cannot fill the queue and turn the others away.
-            body = await _read_body(request, config.max_upload_bytes, config.body_timeout_s)
+            metrics.receiving.inc()
+            try:
+                body = await _read_body(request, config.max_upload_bytes, config.body_timeout_s)
+            finally:
+                metrics.receiving.dec()
             if state.admitted >= config.max_queue:
                 metrics.rejected.labels(reason="queue_full").inc()
                 raise _problem(503, f"the server is busy ({state.admitted} requests queued, "
