@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import shutil
 import statistics
 import sys
@@ -224,10 +223,11 @@ def test_images(args: argparse.Namespace, manifest: dict[str, Any],
     std = np.asarray(spec["std"], np.float32)[:, None, None]
     batch = Path(args.data_dir or ".") / "cifar-10-batches-py" / "test_batch"
     if args.dataset == "cifar10" and batch.is_file():
-        with open(batch, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)[:n]
-        y = np.asarray(d[b"labels"], np.int64)[:n]
+        from byot_edge.datasets import read_cifar_batch  # refuses pickles that run code
+
+        d = read_cifar_batch(batch)
+        x = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32)[:n]
+        y = np.asarray(d["labels"], np.int64)[:n]
         source = "CIFAR-10 (JPEG q75) test images"
     else:  # synthetic runs have no files: random pixels time the same, their top-1 is noise
         g = np.random.default_rng(0)

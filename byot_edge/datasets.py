@@ -7,10 +7,12 @@ never waits on a Python data pipeline (`byot_edge.data.Batches` augments them on
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -124,13 +126,44 @@ def _find(root: Path, name: str) -> Path | None:
     return next(iter(sorted(root.rglob(name))), None)
 
 
-def _unpickle(path: Path) -> dict:
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dtypes and scalars and nothing else.
+
+    pickle.load runs whatever callable a file names, so a doctored data_batch_1 could run
+    code as whoever trains; CIFAR batches only ever name these numpy internals."""
+
+    ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        # Python 2 era files say numpy.core, numpy 2 writes numpy._core
+        **{(mod, "_reconstruct"): np._core.multiarray._reconstruct
+           for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(mod, "scalar"): np._core.multiarray.scalar
+           for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(mod, "_frombuffer"): np._core.numeric._frombuffer
+           for mod in ("numpy.core.numeric", "numpy._core.numeric")},
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol 2 pickles from Python 3
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch "
+                                         "never holds (refused: unpickling it could run "
+                                         "code)") from None
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR python-layout file (a pickled dict) with str keys, unpickled safely."""
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            d = _ArraysOnly(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError) as e:
+        # Truncated or crafted bytes make the unpickler fail in many ways; all mean "bad".
         raise ByotError(f"{path} is not a readable CIFAR batch ({e}); re-extract the "
-                        "dataset") from None
+                        "dataset from the official archive") from None
     if not isinstance(d, dict):
         raise ByotError(f"{path} is not a CIFAR batch (a pickled dict); re-extract the dataset")
     # The official files unpickle to str keys; files re-written by Python 3 have bytes keys.
@@ -145,20 +178,38 @@ def _load_cifar(dataset: str, root: Path, split: str) -> Arrays:
         raise ByotError(f"no {folder} folder in {root}; " + _where_to_get(dataset))
     if dataset == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        names = _unpickle(base / "batches.meta")["label_names"]
+        meta = base / "batches.meta"
+        names = _field(meta, read_cifar_batch(meta), "label_names")
         key = "labels"
     else:
         files = ["train" if split == "train" else "test"]
-        names = _unpickle(base / "meta")["fine_label_names"]
+        names = _field(base / "meta", read_cifar_batch(base / "meta"), "fine_label_names")
         key = "fine_labels"
     missing = [f for f in files if not (base / f).is_file()]
     if missing:
         raise ByotError(f"{base} lacks {', '.join(missing)}; re-extract the dataset")
-    batches = [_unpickle(base / f) for f in files]
-    images = np.concatenate([np.asarray(b["data"], np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[key], np.int64) for b in batches])
+    images, labels = [], []
+    for f in files:
+        batch = read_cifar_batch(base / f)
+        try:
+            x = np.asarray(_field(base / f, batch, "data"), np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(_field(base / f, batch, key), np.int64).reshape(-1)
+        except (ValueError, TypeError):
+            x, y = np.zeros(0), np.zeros(1)
+        if len(x) != len(y):
+            raise ByotError(f"{base / f} does not hold 32x32 RGB images with one label each; "
+                            "re-extract the dataset")
+        images.append(x)
+        labels.append(y)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    return Arrays(images.reshape(-1, 3, 32, 32), labels, names)
+    return Arrays(np.concatenate(images), np.concatenate(labels), names)
+
+
+def _field(path: Path, batch: dict, key: str) -> Any:
+    if key not in batch:
+        raise ByotError(f"{path} has no {key!r} entry, so it is not a {path.parent.name} "
+                        "batch; re-extract the dataset")
+    return batch[key]
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +29,27 @@ def write_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+# write_temp's names: "." + the final name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(folder: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temp files that `write_temp` left in `folder` when its process was killed
+    mid-write (SIGKILL, OOM, power loss): they are never renamed, so they pile up. Only
+    those of `names` (default: any). Call it only where nothing else writes into `folder`
+    at the same time, e.g. as a run or an export starts."""
+    folder, wanted = Path(folder), None if names is None else set(names)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _TEMP.match(path.name)
+        if m and (wanted is None or m["name"] in wanted) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:

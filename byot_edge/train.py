@@ -12,8 +12,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ from byot_edge.data import Batches
 from byot_edge.datasets import Arrays, dataset_info, load_arrays, train_val_split
 from byot_edge.errors import ByotError
 from byot_edge.evaluate import accuracy_rows, predict_logits
-from byot_edge.losses import LossConfig, multi_exit_loss
+from byot_edge.fileio import atomic_write_bytes, remove_stale_temps
+from byot_edge.losses import METHODS, LossConfig, multi_exit_loss
 from byot_edge.models import create_model
+from byot_edge.models.backbones import STEMS
 
 
 @dataclass
@@ -66,6 +68,45 @@ class TrainConfig:
     download: bool = False
     log_every: int = 20
 
+    def validate(self) -> TrainConfig:
+        """Itself, or a ByotError naming the first option out of range (before any work)."""
+        def finite(v: float) -> bool:
+            return math.isfinite(v)
+
+        rules: list[tuple[str, bool, str]] = [
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", finite(self.lr) and self.lr > 0, "a number > 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("schedule", self.schedule in ("cosine", "multistep"), "cosine or multistep"),
+            ("warmup_epochs", finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
+            ("method", self.method in METHODS, " or ".join(METHODS)),
+            ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
+            ("temperature", finite(self.temperature) and self.temperature > 0, "> 0"),
+            ("feature_weight", finite(self.feature_weight) and self.feature_weight >= 0,
+             ">= 0"),
+            ("width", finite(self.width) and 0 < self.width <= 4, "in (0, 4]"),
+            ("stem", self.stem in STEMS, " or ".join(STEMS)),
+            ("image_size", self.image_size is None or self.image_size >= 8, ">= 8 pixels"),
+            ("val_split", 0 <= self.val_split < 1, "in [0, 1)"),
+            ("max_train_samples", self.max_train_samples is None or self.max_train_samples >= 1,
+             ">= 1 (leave it out for the whole training set)"),
+            ("amp", self.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
+            ("cutout", self.cutout >= 0, ">= 0 (0: off)"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for name, ok, want in rules:
+            if not ok:
+                got = _shown(getattr(self, name))
+                raise ByotError(f"{_option(name)} must be {want}, got {got}")
+        try:
+            torch.device(self.device if self.device != "auto" else "cpu")
+        except RuntimeError:
+            raise ByotError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or "
+                            "cuda:N") from None
+        return self
+
     def loss_config(self) -> LossConfig:
         return LossConfig(self.method, self.alpha, self.temperature, self.feature_weight,
                           tuple(self.feature_exits))
@@ -88,10 +129,69 @@ RECIPES: dict[str, dict[str, Any]] = {
 def config_from_recipe(recipe: str, **overrides: Any) -> TrainConfig:
     if recipe not in RECIPES:
         raise ByotError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-    cfg = TrainConfig(**{**RECIPES[recipe], **overrides, "recipe": recipe})
+    cfg = TrainConfig(**{**RECIPES[recipe], **overrides, "recipe": recipe}).validate()
     if cfg.schedule == "multistep" and not cfg.milestones:
         e = cfg.epochs
         cfg = replace(cfg, milestones=(e / 3, 2 * e / 3, max(e - 10, 2 * e / 3)))
+    return cfg
+
+
+# On resume, what a run trains is its checkpoint's; options given again must match it. These
+# say where and how fast it runs, not what it learns, and may differ freely:
+RESUME_FREE = frozenset({"out", "data_dir", "device", "download", "compile", "channels_last",
+                         "log_every"})
+# These may change with `override` (--override): the optimiser and the loss take them anew,
+# e.g. a lower lr after a divergence. The rest (the network, the data split, the batch, the
+# schedule, the seed) would make a different run: start one with another --out.
+RESUME_OVERRIDABLE = frozenset({"lr", "weight_decay", "amp", "method", "alpha", "temperature",
+                                "feature_weight", "feature_exits"})
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    """A value as it is typed on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def resume_config(state: Mapping[str, Any], given: Mapping[str, Any], *,
+                  override: bool = False, source: str | Path = "the checkpoint") -> TrainConfig:
+    """The configuration a run resumes with: the checkpoint's, with `given` (options the
+    user set again, by TrainConfig field name) checked against it. `epochs` may grow (to
+    extend a run); RESUME_FREE ones may differ; RESUME_OVERRIDABLE ones only with `override`;
+    any other difference is refused with a ByotError naming the option and its value."""
+    if not all(k in state for k in ("train_config", "optimizer", "scheduler", "rng")):
+        raise ByotError(f"{source} holds weights only (no optimizer and data-order state), so "
+                        "it cannot be resumed; resume from RUN/last.pt written by "
+                        "`byot-edge train`")
+    known = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**_tuples({k: v for k, v in state["train_config"].items()
+                                   if k in known}))
+    changes: dict[str, Any] = {}
+    for name, value in given.items():
+        if name not in known:
+            raise ByotError(f"unknown training option {name!r}")
+        old = getattr(saved, name)
+        value = tuple(value) if isinstance(value, list) else value
+        allowed = (name in RESUME_FREE or name == "epochs" or value == old
+                   or (override and name in RESUME_OVERRIDABLE))
+        if not allowed:
+            opt, new = f"{_option(name)} {_shown(value)}", f"{_option(name)} {_shown(old)}"
+            how = (f"add --override to resume with {opt}" if name in RESUME_OVERRIDABLE else
+                   f"it cannot change on resume: start a new run with another --out to "
+                   f"train with {opt}")
+            raise ByotError(f"{opt} differs from the run being resumed, which has {new} "
+                            f"({source}); a resumed run keeps its settings: leave "
+                            f"{_option(name)} out, or {how}")
+        changes[name] = value
+    cfg = replace(saved, **changes)
+    done = int(state.get("epoch", 0))
+    if cfg.epochs <= done:
+        raise ByotError(f"{source} already finished epoch {done} of the run's {saved.epochs}; "
+                        f"pass --epochs N with N > {done} to train it further")
     return cfg
 
 
@@ -210,9 +310,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
     """
     state = load_checkpoint(resume) if resume else None
     if state is not None:
-        # The run's own configuration wins; only the epoch count may be extended.
-        cfg = replace(TrainConfig(**_tuples(state["train_config"])), epochs=cfg.epochs,
-                      out=cfg.out, data_dir=cfg.data_dir or state["train_config"]["data_dir"])
+        # `cfg` is taken whole; it must be the run's own but for what resume_config allows.
+        given = asdict(cfg)
+        given["data_dir"] = cfg.data_dir or state["train_config"].get("data_dir")
+        cfg = resume_config(state, given, override=True, source=resume)
+    cfg.validate()
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = _setup_distributed(device)
     amp_dtype = amp_dtype_for(cfg.amp, device)
@@ -224,6 +326,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
 
     model = create_model(cfg.arch, num_classes=num_classes, in_chans=info.in_chans,
                          input_size=info.input_size, stem=cfg.stem, width=cfg.width)
+    bad = [k for k in cfg.feature_exits if not 1 <= k < model.num_exits]
+    if bad:
+        raise ByotError(f"--feature-exits {_shown(tuple(bad))}: only shallow exits "
+                        f"1..{model.num_exits - 1} have features to pull to the deepest's")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -249,7 +355,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        _apply_optimizer_config(optimizer, scheduler, cfg, len(batches))
+        if scaler.is_enabled() and state["scaler"]:  # empty when saved without fp16
+            scaler.load_state_dict(state["scaler"])
         generator.set_state(state["rng"]["data"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best = state["epoch"], state["metrics"].get("best", -1.0)
@@ -267,6 +375,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
     out = Path(cfg.out)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, RUN_FILES)  # left by a run killed while writing
+        _start_metrics(out / "metrics.jsonl", start_epoch)
+    last_good = (Path(resume) if resume else None, start_epoch)
     data_meta = {"dataset": cfg.dataset, "in_chans": info.in_chans,
                  "input_size": info.input_size, "mean": list(info.mean), "std": list(info.std),
                  "class_names": train_arrays.class_names, "val_split": cfg.val_split,
@@ -283,10 +394,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
             if step % cfg.log_every == 0 or step == len(batches):
                 mean = (sums / step).tolist()  # the only host sync, every log_every steps
                 if not all(math.isfinite(v) for v in mean):
-                    raise Diverged(
-                        f"training diverged in epoch {epoch + 1}, step {step} (loss {mean[0]}); "
-                        f"the last good checkpoint is {out / 'last.pt'} (epoch {epoch}). "
-                        "Lower --lr, or use --amp off, and resume or restart")
+                    raise Diverged(_diverged(cfg, epoch + 1, step, mean[0], *last_good,
+                                             amp_dtype is not None))
                 if reporter and dist.main:
                     seen = step * cfg.batch_size
                     reporter.update(step, dict(zip(("loss", "ce", "kd", "feat"), mean,
@@ -317,16 +426,60 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
             "metrics": {"val_accuracy": val_acc, "val_ensemble": rows[-1].top1, "best": best,
                         "val_source": val_name},
         }
-        save_checkpoint(out / "last.pt", ckpt)
+        # last.pt is written last: a run killed before it resumes from the epoch before and
+        # redoes this one exactly (its metrics line is dropped and rewritten, best.pt too).
+        _append_metrics(out / "metrics.jsonl", log)
         if val_acc[-1] >= best:
             save_checkpoint(out / "best.pt", ckpt)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(asdict(log)) + "\n")
+        save_checkpoint(out / "last.pt", ckpt)
+        last_good = (out / "last.pt", epoch + 1)
         if reporter:
             reporter.end_epoch(log)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return out
+
+
+def _apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig,
+                            steps_per_epoch: int) -> None:
+    """A loaded optimizer keeps the lr and weight decay it was saved with; give it the
+    config's (the same values unless overridden on resume: then bit-for-bit a no-op)."""
+    factor = _lr_factor(cfg, steps_per_epoch)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, weight_decay=cfg.weight_decay)
+
+
+def _diverged(cfg: TrainConfig, epoch: int, step: int, loss: float, last: Path | None,
+              last_epoch: int, amp: bool) -> str:
+    lower = f"--lr {cfg.lr / 10:g}" + (" --amp off" if amp else "")
+    head = f"training diverged in epoch {epoch}, step {step} (loss {loss})"
+    if last is None:
+        return (f"{head}; no checkpoint was written yet: train again with a lower learning "
+                f"rate ({lower})")
+    return (f"{head}; the last good checkpoint is {last} (epoch {last_epoch}). Resume it with "
+            f"a lower learning rate: byot-edge train --resume {last} --out {cfg.out} "
+            f"--override {lower}")
+
+
+def _start_metrics(path: Path, start_epoch: int) -> None:
+    """metrics.jsonl as the run stands: a new run starts it empty; a resumed one keeps the
+    lines of the epochs its checkpoint holds (a later line is from an epoch being redone)."""
+    keep = []
+    if start_epoch and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= start_epoch:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line from an older version's append
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
+
+
+def _append_metrics(path: Path, log: EpochLog) -> None:
+    # Rewritten whole through a rename: never a torn line (it is one line per epoch).
+    old = path.read_bytes() if path.is_file() else b""
+    atomic_write_bytes(path, old + (json.dumps(asdict(log)) + "\n").encode())
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

@@ -109,3 +109,60 @@ def test_batches_train_and_eval():
     evaluation = list(Batches(imgs, labels, info, batch_size=32, train=False))
     assert sum(len(y) for _, y in evaluation) == 100
     torch.testing.assert_close(torch.cat([y for _, y in evaluation]), labels)
+
+
+def _cifar_folder(tmp_path, test_batch: bytes, protocol: int = 2):
+    """A cifar-10-batches-py folder with a good batches.meta and the given test_batch bytes."""
+    import pickle
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    meta = {"label_names": [f"c{i}" for i in range(10)]}
+    (base / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    (base / "test_batch").write_bytes(test_batch)
+    return tmp_path
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    import pickle
+
+    data = np.random.default_rng(0).integers(0, 255, (3, 3072), dtype=np.uint8)
+    batch = {b"data": data, b"labels": [1, 2, 3], b"filenames": [b"a.png"] * 3}
+    a = load_arrays("cifar10", _cifar_folder(tmp_path, pickle.dumps(batch, protocol=protocol),
+                                             protocol), "test")
+    np.testing.assert_array_equal(a.images.reshape(3, -1), data)
+    assert a.labels.tolist() == [1, 2, 3] and a.class_names[0] == "c0"
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): code run by merely loading a 'dataset'."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({"data": _Payload(marker), "labels": [0]}, protocol=2)
+    folder = _cifar_folder(tmp_path, evil)
+    with pytest.raises(ByotError, match=r"test_batch is not a readable CIFAR .*io.open.*run code"):
+        load_arrays("cifar10", folder, "test")
+    assert not marker.exists()
+
+
+def test_cifar_batch_without_its_fields_is_reported(tmp_path):
+    import pickle
+
+    folder = _cifar_folder(tmp_path, pickle.dumps({"labels": [0]}))
+    with pytest.raises(ByotError, match="no 'data' entry"):
+        load_arrays("cifar10", folder, "test")
+    (folder / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}))
+    with pytest.raises(ByotError, match="one label each"):
+        load_arrays("cifar10", folder, "test")

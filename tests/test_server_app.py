@@ -202,6 +202,75 @@ def test_a_full_queue_answers_503_and_recovers(model: GatedModel, x: np.ndarray)
         assert r.status_code == 200
 
 
+def _partial_upload(c: httpx.Client, body: bytes, declared: int) -> Any:
+    """A raw connection that sends the headers and `body`, of `declared` bytes, then stalls."""
+    import socket
+
+    host, port = c.base_url.host, c.base_url.port
+    sock = socket.create_connection((host, port), timeout=15)
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-npy"
+                 b"\r\nContent-Length: " + str(declared).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def test_a_stalled_upload_gets_408_and_holds_no_queue_slot(model: GatedModel,
+                                                            x: np.ndarray) -> None:
+    with serving(model, max_queue=1, body_timeout_s=1.5) as c:
+        data = npy(x[:1])
+        sock = _partial_upload(c, data[:100], len(data))
+        try:
+            # The only queue slot is free while that client is still sending.
+            r = c.post("/v1/predict", content=data, headers={"Content-Type": "application/x-npy"})
+            assert r.status_code == 200, r.text
+            reply = ""
+            while "}" not in reply:  # the headers, then the JSON body (socket timeout: 15 s)
+                chunk = sock.recv(4096).decode("latin-1")
+                if not chunk:
+                    break
+                reply += chunk
+        finally:
+            sock.close()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert "did not arrive within 1.5 s" in reply
+
+
+def test_a_client_that_leaves_mid_upload_is_not_counted_as_a_server_error(
+        model: GatedModel, x: np.ndarray) -> None:
+    with serving(model) as c:
+        data = npy(x[:1])
+        _partial_upload(c, data[:100], len(data)).close()
+
+        def counted() -> bool:
+            return 'endpoint="/v1/predict",status="499"' in c.get("/metrics").text
+
+        wait_until(counted, 30, "the disconnect in /metrics")
+        assert 'status="500"' not in c.get("/metrics").text
+        r = c.post("/v1/predict", content=data, headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == 200
+
+
+def test_images_over_the_request_pixel_budget_get_413_before_decoding(
+        model: GatedModel, deployed: Deployed) -> None:
+    from PIL import Image
+
+    def png(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, "PNG")
+        return buf.getvalue()
+
+    files = [("file", (f"{i}.png", png(100, 100), "image/png")) for i in range(3)]
+    with serving(model, max_image_pixels=20_000, max_request_pixels=25_000) as c:
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 413 and "30000 pixels together" in r.json()["detail"]
+        assert c.post("/v1/predict", files=files[:2]).status_code == 200
+        r = c.post("/v1/predict", files=[("file", ("a.png", png(150, 150), "image/png"))])
+        assert r.status_code == 413 and "150x150" in r.json()["detail"]
+        tiff = io.BytesIO()
+        Image.new("RGB", (32, 32)).save(tiff, "TIFF")
+        r = c.post("/v1/predict", content=tiff.getvalue(), headers={"Content-Type": "image/tiff"})
+        assert r.status_code == 422 and "PNG or JPEG" in r.json()["detail"]
+
+
 def test_the_worker_survives_a_failing_batch(model: GatedModel, x: np.ndarray) -> None:
     with serving(model) as c:
         def post() -> Any:

@@ -80,12 +80,59 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
         return loss * float("nan"), parts
 
     monkeypatch.setattr(train_module, "multi_exit_loss", nan_loss)
-    with pytest.raises(Diverged, match=r"diverged in epoch 2.*last\.pt \(epoch 1\)"):
+    with pytest.raises(Diverged, match=r"diverged in epoch 2.*last\.pt \(epoch 1\)") as e:
         train(_synthetic_cfg(tmp_path / "run", epochs=2), resume=run / "last.pt")
     kept = load_checkpoint(run / "last.pt")
     assert kept["epoch"] == 1
     for k in good["model"]:
         torch.testing.assert_close(kept["model"][k], good["model"][k], rtol=0, atol=0)
+
+    # The advice is a command that works as written once the cause is gone.
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from byot_edge.cli import app
+
+    monkeypatch.undo()
+    command = str(e.value).split("a lower learning rate: ")[1]
+    args = shlex.split(command)
+    assert args[:2] == ["byot-edge", "train"] and "--override" in args and "--lr" in args
+    r = CliRunner().invoke(app, args[1:])
+    assert r.exit_code == 0, r.output
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["train_config"]["lr"] == pytest.approx(0.01)
+
+
+def test_killed_mid_checkpoint_resumes_with_one_metrics_line_per_epoch(tmp_path, monkeypatch):
+    import byot_edge.train as train_module
+
+    run = tmp_path / "run"
+    real_save = train_module.save_checkpoint
+
+    def killed_writing_last(path, state):
+        if Path(path).name == "last.pt" and state["epoch"] == 2:
+            raise KeyboardInterrupt  # as if killed while last.pt was being written
+        return real_save(path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_writing_last)
+    with pytest.raises(KeyboardInterrupt):
+        train(_synthetic_cfg(run, epochs=3))
+    monkeypatch.undo()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    # The metrics line comes before the checkpoints: epoch 2 is logged, last.pt is epoch 1.
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    # What a SIGKILL mid-write leaves behind (write_temp's names), and someone else's file.
+    stale = [run / ".last.pt.k1ll3d_x.tmp", run / ".metrics.jsonl.abcdefgh.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (run / "notes.tmp").write_text("mine")
+    train(_synthetic_cfg(run, epochs=3), resume=run / "last.pt")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]  # epoch 2 redone once
+    assert not any(p.exists() for p in stale) and (run / "notes.tmp").read_text() == "mine"
+    assert not list(run.glob(".*.tmp"))
 
 
 def test_dsn_and_plain_methods_train(tmp_path):

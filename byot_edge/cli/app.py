@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -49,6 +50,31 @@ def _fail(error: ByotError) -> None:
     err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
                       soft_wrap=True)
     raise typer.Exit(2) from None
+
+
+def output_file(path: Path | None, option: str) -> Path | None:
+    """A file a command will write: refused up front if it cannot be one, so a long command
+    does not fail at its very end."""
+    if path is not None and path.is_dir():
+        raise ByotError(f"{option} {path} is a folder; pass the name of a file to write "
+                        "(in it or elsewhere)")
+    return path
+
+
+def torch_device(name: str, option: str = "--device") -> str:
+    """`name` if torch parses it as a device, else a ByotError naming the option."""
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ByotError(f"{option} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    return name
+
+
+def at_least(value: float | None, low: float, option: str) -> None:
+    if value is not None and not value >= low:  # `not >=`: NaN fails too
+        raise ByotError(f"{option} must be >= {low:g}, got {value}")
 
 
 app = typer.Typer(

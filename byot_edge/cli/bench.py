@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from byot_edge.cli.app import app, console
+from byot_edge.cli.app import app, at_least, console
+from byot_edge.errors import ByotError
 
 EXAMPLE = """
 Examples:
@@ -22,9 +23,13 @@ Examples:
 
 def _csv_ints(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        values = []
+    if not values or min(values) < 1:
+        raise ByotError(f"--batch takes comma-separated positive integers like 1,8,32, got "
+                        f"{text!r}")
+    return values
 
 
 @app.command(epilog=EXAMPLE)
@@ -54,11 +59,20 @@ def bench(
     from byot_edge.bench import run_bench, write_report
 
     batches = _csv_ints(batch)
+    for value, low, option in ((limit, 1, "--limit"), (eval_batch, 1, "--eval-batch"),
+                               (runs, 1, "--runs"), (warmup, 0, "--warmup")):
+        at_least(value, low, option)
+    if not max_seconds > 0:
+        raise ByotError(f"--max-seconds must be > 0, got {max_seconds}")
+    backends = [b.strip() for b in backend.split(",") if b.strip()]
+    known = ("onnxruntime", "torch", "tensorrt")
+    if not backends or set(backends) - set(known):
+        raise ByotError(f"--backend {backend!r}: choose from {', '.join(known)}, "
+                        "comma-separated")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("starting")
-        report = run_bench(manifest, [b.strip() for b in backend.split(",") if b.strip()],
-                           batches, device=device, data_dir=data_dir, limit=limit,
+        report = run_bench(manifest, backends, batches, device=device, data_dir=data_dir, limit=limit,
                            eval_batch=eval_batch, warmup=warmup, runs=runs,
                            max_seconds=max_seconds,
                            progress=lambda msg: progress.update(task, description=msg))

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from byot_edge.cli.app import app, console
+from byot_edge.cli.app import app, at_least, console, output_file, torch_device
+from byot_edge.errors import ByotError
 
 EXAMPLE = """
 Examples:
@@ -41,7 +42,12 @@ def evaluate_command(
     from byot_edge.fileio import atomic_write_json
     from byot_edge.train import eval_split
 
-    model, state = load_model(checkpoint, device)
+    if split not in ("test", "val"):
+        raise ByotError(f"--split {split!r} is not a split; choose test or val")
+    at_least(batch_size, 1, "--batch-size")
+    output_file(json_out, "--json")
+    output_file(save_logits, "--save-logits")
+    model, state = load_model(checkpoint, torch_device(device))
     data, info = eval_split(state, split, dataset=dataset, data_dir=data_dir)
     result = evaluate(model, data, info, split=split, batch_size=batch_size, device=device)
     table = Table("exit", "top-1", "top-5", "params", "MFLOPs",

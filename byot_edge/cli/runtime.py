@@ -12,7 +12,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from byot_edge.cli.app import app, console, err_console
+from byot_edge.cli.app import app, at_least, console, err_console, output_file
 from byot_edge.errors import ByotError
 
 PREDICT_EXAMPLE = """
@@ -68,10 +68,15 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 
 
 def _ints(text: str, what: str) -> list[int]:
+    """Positive integers, comma-separated (batch sizes)."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ByotError(f"{what} takes comma-separated integers, got {text!r}") from None
+        values = []
+    if not values or min(values) < 1:
+        raise ByotError(f"{what} takes comma-separated positive integers like 1,8,32, got "
+                        f"{text!r}")
+    return values
 
 
 def _flops(text: str | None) -> float | None:
@@ -111,6 +116,7 @@ def predict_command(
     from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
     from byot_edge.runtime.preprocess import load_images
 
+    at_least(threads, 1, "--threads")
     with _show_warnings():
         model = AnytimeModel.load(manifest, backend=backend, device=device,
                                   **({"threads": threads} if threads else {}))
@@ -165,6 +171,9 @@ def calibrate_command(
     """Choose per-exit confidence thresholds on validation logits and store them."""
     from byot_edge.calibrate import calibrate_manifest
 
+    at_least(rows, 1, "--rows")
+    at_least(batch, 1, "--batch")
+    output_file(plot, "--plot")
     with _show_warnings():
         cal = calibrate_manifest(
             manifest, logits, criterion=criterion, temperature=temperature, max_drop=max_drop,
@@ -235,10 +244,16 @@ def profile_command(
     from byot_edge.runtime.backends import get_backend
     from byot_edge.runtime.profile import NOISY, noise, profile_backend, store_profiles
 
+    batches = _ints(batch, "--batch")
+    for value, low, option in ((runs, 1, "--runs"), (warmup, 0, "--warmup"),
+                               (threads, 1, "--threads")):
+        at_least(value, low, option)
+    if not max_seconds > 0:
+        raise ByotError(f"--max-seconds must be > 0, got {max_seconds}")
     m = load_manifest(manifest)
     options = {"threads": threads} if threads else {}
     with get_backend(backend, m, device=device, **options) as be, console.status("profiling") as status:
-        profiles = profile_backend(be, _ints(batch, "--batch"), warmup=warmup, runs=runs,
+        profiles = profile_backend(be, batches, warmup=warmup, runs=runs,
                                    max_seconds=max_seconds,
                                    progress=lambda s: status.update(f"profiling {s}"))
     path = store_profiles(m, profiles)

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from byot_edge.cli.app import app, console, err_console
+from byot_edge.cli.app import app, at_least, console, err_console
+from byot_edge.errors import ByotError
 
 SERVE_EXAMPLE = """
 Examples:
@@ -51,6 +52,9 @@ def serve_command(
         help="Most prediction requests held at once; more get 503 with Retry-After.")] = 64,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body (413 above).")
     ] = 10.0,
+    body_timeout_s: Annotated[float, typer.Option(
+        help="Seconds a request body may take to arrive (408 after); a client still sending "
+             "holds no queue slot.")] = 30.0,
     token: Annotated[str | None, typer.Option(
         envvar="BYOT_EDGE_TOKEN", show_default=False,
         help="Require 'Authorization: Bearer TOKEN' on /v1/* and /metrics (health endpoints "
@@ -64,8 +68,12 @@ def serve_command(
     from byot_edge.runtime.anytime import AnytimeModel
     from byot_edge.runtime.server import ServeConfig, serve  # fastapi: only when serving
 
+    if not 0 <= port <= 65535:
+        raise ByotError(f"--port must be a TCP port, 0..65535, got {port}")
+    at_least(threads, 1, "--threads")
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         max_upload_mb=max_upload_mb, token=token)
+                         max_upload_mb=max_upload_mb, body_timeout_s=body_timeout_s,
+                         token=token)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from byot_edge.cli.app import app, console
+from byot_edge.errors import ByotError
 
 EXAMPLE = """
 Examples:
@@ -63,11 +64,16 @@ class ProgressReporter:
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ByotError(f"--feature-exits takes comma-separated exit numbers like 1,2; got "
+                        f"{text!r}") from None
 
 
 @app.command(epilog=EXAMPLE)
 def train(
+    ctx: typer.Context,
     arch: Annotated[str, typer.Option(help="Architecture; see `byot-edge models`.")] = "resnet18",
     dataset: Annotated[str, typer.Option(
         help="cifar10, cifar100, mnist, fashion-mnist, imagefolder or synthetic.")] = "cifar10",
@@ -109,28 +115,47 @@ def train(
     download: Annotated[bool, typer.Option(help="Download with torchvision (needs internet).")
     ] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue from RUN/last.pt.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue from RUN/last.pt with its own settings; options given again must "
+             "match them, but --epochs may grow (default --out: the checkpoint's folder).")
+    ] = None,
+    override: Annotated[bool, typer.Option(
+        help="With --resume: let --lr, --weight-decay, --amp, --method, --alpha, "
+             "--temperature, --feature-weight and --feature-exits replace the run's values "
+             "(e.g. a lower --lr after a divergence).")] = False,
 ) -> None:
     """Train a multi-exit network with self-distillation (or a baseline method)."""
     import torch
 
-    from byot_edge.train import config_from_recipe
+    from byot_edge.checkpoint import load_checkpoint
+    from byot_edge.train import config_from_recipe, resume_config
     from byot_edge.train import train as run_training
 
-    if threads:
+    if threads is not None:
+        if threads < 1:
+            raise ByotError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    given = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr,
-                               "weight_decay": weight_decay, "schedule": schedule}.items()
-             if v is not None}
-    cfg = config_from_recipe(
-        recipe, arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-        out=str(out), method=method, alpha=alpha, temperature=temperature,
-        feature_weight=feature_weight, feature_exits=_ints(feature_exits), width=width,
-        stem=stem, image_size=image_size, val_split=val_split,
-        max_train_samples=max_train_samples, seed=seed, device=device, amp=amp,
-        channels_last=channels_last, compile=compile, cutout=cutout, autoaugment=autoaugment,
-        download=download, **given,
-    )
+    values = {"arch": arch, "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
+              "out": str(out), "recipe": recipe, "epochs": epochs, "batch_size": batch_size,
+              "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "method": method,
+              "alpha": alpha, "temperature": temperature, "feature_weight": feature_weight,
+              "feature_exits": _ints(feature_exits), "width": width, "stem": stem,
+              "image_size": image_size, "val_split": val_split,
+              "max_train_samples": max_train_samples, "seed": seed, "device": device,
+              "amp": amp, "channels_last": channels_last, "compile": compile, "cutout": cutout,
+              "autoaugment": autoaugment, "download": download}
+    if resume is None:
+        if override:
+            raise ByotError("--override only applies with --resume RUN/last.pt")
+        from_recipe = ("epochs", "batch_size", "lr", "weight_decay", "schedule")
+        cfg = config_from_recipe(**{k: v for k, v in values.items()
+                                    if not (k in from_recipe and v is None)})
+    else:
+        # Only what was typed counts: a default must not replace the run's own value.
+        typed = {k: v for k, v in values.items()
+                 if ctx.get_parameter_source(k).name in ("COMMANDLINE", "ENVIRONMENT")}
+        typed.setdefault("out", str(resume.parent))
+        cfg = resume_config(load_checkpoint(resume), typed, override=override, source=resume)
     run = run_training(cfg, resume=resume, reporter=ProgressReporter())
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

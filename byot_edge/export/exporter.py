@@ -89,7 +89,7 @@ def export_checkpoint(
     "batch" axis). Raises ByotError, writing nothing, if any check fails.
     """
     say = progress or (lambda _: None)
-    formats = _check_args(formats, batch, rtol)
+    formats = _check_args(formats, batch, rtol, opset, exporter, trt_options)
     out = Path(out_dir)
     builder = None
     if "trt" in formats:  # before the long part: a missing TensorRT fails at once
@@ -163,12 +163,28 @@ def export_checkpoint(
     return manifest, reports
 
 
-def _check_args(formats: tuple[str, ...], batch: int | None, rtol: float) -> tuple[str, ...]:
+def _check_args(formats: tuple[str, ...], batch: int | None, rtol: float, opset: int | None,
+                exporter: str, trt_options: TrtOptions | None) -> tuple[str, ...]:
+    """Everything that can be checked before the long part, so a typo fails at once."""
+    import onnx
+
+    from byot_edge.export.trt_build import PRECISIONS
+
     expanded = {f for fmt in formats for f in (FORMATS if fmt == "all" else (fmt,))}
     unknown = expanded - set(FORMATS)
     if unknown or not expanded:
-        raise ByotError(f"unknown format {', '.join(sorted(unknown)) or '(none)'}; choose "
+        raise ByotError(f"unknown --format {', '.join(sorted(unknown)) or '(none)'}; choose "
                         "onnx, trt or all")
+    if exporter not in graph.EXPORTERS:
+        raise ByotError(f"unknown --exporter {exporter!r}; choose one of: "
+                        f"{', '.join(graph.EXPORTERS)}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not graph.MIN_OPSET <= opset <= newest:
+        raise ByotError(f"--opset {opset} is out of range: the exporters here write opsets "
+                        f"{graph.MIN_OPSET}..{newest} (default {graph.DEFAULT_OPSET})")
+    if trt_options is not None and trt_options.precision not in PRECISIONS:
+        raise ByotError(f"unknown --precision {trt_options.precision!r}; choose one of: "
+                        f"{', '.join(PRECISIONS)}")
     if batch is not None and batch < 1:
         raise ByotError(f"--batch must be >= 1, got {batch}; leave it out for a dynamic batch")
     if not rtol > 0:

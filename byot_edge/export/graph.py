@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # Opset 18: the torch.export-based exporter's lowest, read by ONNX Runtime >= 1.14 and by
 # every TensorRT 10 parser (10.3 on JetPack 6 reads opsets 9..20).
 DEFAULT_OPSET = 18
+MIN_OPSET = 13  # the oldest accepted: older ones lack ops this graph uses, or are untested
 INPUT = "image"
 BATCH_AXIS = "batch"
 EXPORTERS = ("auto", "dynamo", "torchscript")

@@ -17,6 +17,7 @@ one span. `run` returns arrays and what was run (for servers and benchmarks);
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from byot_edge.runtime.policies import (
     Deadline,
     Policy,
     Step,
+    check_criterion,
     deepest_exit_within,
     exits_to_compute,
     softmax,
@@ -84,6 +86,17 @@ class PredictOptions:
         if self.budget_ms is not None and not self.budget_ms > 0:
             raise ByotError(f"budget_ms must be a positive number of milliseconds, got "
                             f"{self.budget_ms}")
+        values = ([] if self.threshold is None else list(self.threshold)
+                  if isinstance(self.threshold, Sequence) else [self.threshold])
+        try:
+            bad = not all(math.isfinite(float(t)) for t in values)
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
+            raise ByotError(f"threshold must be finite numbers (> 1 switches an exit off), got "
+                            f"{self.threshold}")
+        if self.criterion is not None:
+            check_criterion(self.criterion)
         check_stat(self.stat)
 
 

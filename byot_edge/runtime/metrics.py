@@ -57,6 +57,8 @@ class ServerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("byot_edge_queue_depth", "Requests waiting for a batch",
                                  registry=r)
+        self.receiving = Gauge("byot_edge_requests_receiving", "Prediction requests whose "
+                               "body is still arriving (they hold no queue slot)", registry=r)
         self.in_flight = Gauge("byot_edge_requests_in_flight", "Prediction requests held by "
                                "the server (being read, waiting or running); bounded by "
                                "--max-queue", registry=r)

@@ -68,9 +68,11 @@ def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     return ((x - mean) / std).astype(spec.dtype)
 
 
-def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
+def load_image(path: str | Path, spec: InputSpec,
+               formats: Sequence[str] | None = None) -> np.ndarray:
     """One image file as uint8 [C, H, W]: converted to the manifest's channel count
-    (grayscale for 1, RGB for 3) and resized to its height and width."""
+    (grayscale for 1, RGB for 3) and resized to its height and width. `formats`: the
+    Pillow formats accepted (default: any it reads)."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = spec.shape
@@ -78,7 +80,7 @@ def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
         raise ByotError(f"the model takes {c}-channel input; images can only be fed to 1- or "
                         "3-channel models, pass arrays to AnytimeModel.predict instead")
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=formats) as img:
             img = img.convert("L" if c == 1 else "RGB")
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
@@ -88,6 +90,8 @@ def load_image(path: str | Path, spec: InputSpec) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as e:
         raise ByotError(f"cannot read {path} as an image ({e}); pass PNG, JPEG or another "
                         "format Pillow reads") from None
+    except Image.DecompressionBombError as e:  # not an OSError: its header says > 179M pixels
+        raise ByotError(f"{path} is too large to decode ({e}); resize it to {w}x{h}") from None
     return a[None] if c == 1 else a.transpose(2, 0, 1)
 
 

@@ -38,6 +38,7 @@ try:
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, Field
     from starlette.datastructures import UploadFile
+    from starlette.requests import ClientDisconnect
 except ImportError:
     raise missing_dependency("fastapi", "serve", "to serve models") from None
 
@@ -59,10 +60,12 @@ INLINE_NPY_BYTES = 2**20
 class ServeConfig:
     max_batch: int = 32  # samples per model run
     max_wait_ms: float = 2.0  # longest the oldest request waits for ones being received
-    max_queue: int = 64  # prediction requests held at once (read, queued, running)
+    max_queue: int = 64  # requests held at once once their body is in (decoding, queued, running)
     max_upload_mb: float = 10.0
     token: str | None = None  # bearer token for /v1/* and /metrics; None: no auth
     max_image_pixels: int = 4096 * 4096  # decoded size limit: a small PNG can be huge
+    max_request_pixels: int = 2 * 4096 * 4096  # all of one request's images together
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (408 after)
     default_top_k: int = 5
     warmup: bool = True
     shutdown_timeout_s: int = 30  # how long SIGTERM waits for in-flight requests
@@ -71,9 +74,12 @@ class ServeConfig:
         checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,
                   "max_queue": self.max_queue >= 1, "max_upload_mb": self.max_upload_mb > 0,
                   "max_image_pixels": self.max_image_pixels >= 1,
+                  "max_request_pixels": self.max_request_pixels >= 1,
+                  "body_timeout_s": self.body_timeout_s > 0,
                   "default_top_k": self.default_top_k >= 1,
                   "shutdown_timeout_s": self.shutdown_timeout_s >= 0}
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k} (--{k.replace('_', '-')} {getattr(self, k)})"
+               for k, ok in checks.items() if not ok]
         if bad:
             raise ByotError(f"invalid server settings: {', '.join(bad)} out of range "
                             "(max_wait_ms and shutdown_timeout_s >= 0, the others positive)")
@@ -218,20 +224,37 @@ def _problem(status: int, detail: str, retry_after: float | None = None) -> HTTP
     return HTTPException(status, detail, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to be over `limit` bytes."""
+# nginx's code for "the client closed the connection before the answer": never sent, but
+# the metrics count it apart from the server's own failures (500).
+CLIENT_CLOSED = 499
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, or 413 as soon as it is known to be over `limit` bytes, 408 when it has
+    not all arrived within `timeout_s` (a slow or stalled client), 499 if the client left."""
     too_big = _problem(413, f"the upload is over the server's limit of {limit / 2**20:g} MiB; "
                             "send a smaller image or tensor")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise _problem(408, f"the request body did not arrive within {timeout_s:g} s; send "
+                            "it in one go (the server's --body-timeout-s)") from None
+    except ClientDisconnect:
+        raise _problem(CLIENT_CLOSED, "the client disconnected before its request body "
+                                      "arrived") from None
 
 
 async def _form_parts(request: Request, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
@@ -262,27 +285,41 @@ async def _form_parts(request: Request, body: bytes, max_files: int) -> list[tup
     return parts
 
 
-def _image(data: bytes, spec: InputSpec, what: str, max_pixels: int) -> np.ndarray:
-    """uint8 [C, H, W] from image bytes, decoded exactly as `load_image` decodes files."""
+# What uploads may be: Pillow opens dozens of formats, some with decoders of their own
+# (EPS runs Ghostscript); a classifier's clients send these.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+def _not_image(what: str) -> HTTPException:
+    return _problem(422, f"{what} is not an image the server can read; send a PNG or JPEG "
+                         "file (or a tensor as JSON or .npy)")
+
+
+def _image_pixels(data: bytes, spec: InputSpec, what: str, max_pixels: int) -> int:
+    """w * h from the image's header (nothing decoded yet): 413 over `max_pixels`."""
     from PIL import Image
 
     # Pillow's decoders raise many exception types on corrupt input (OSError, SyntaxError,
-    # ValueError, struct.error...): any of them means "not an image we can read".
-    not_image = _problem(422, f"{what} is not an image the server can read; send a PNG or "
-                              "JPEG file (or a tensor as JSON or .npy)")
+    # ValueError, struct.error, DecompressionBombError...): all mean "not an image we read".
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:  # the header only
             w, h = img.size
     except Exception:
-        raise not_image from None
+        raise _not_image(what) from None
     if w * h > max_pixels:
         raise _problem(413, f"{what} is {w}x{h} pixels, over the server's limit of "
                             f"{max_pixels} pixels; resize it to {spec.shape[2]}x{spec.shape[1]} "
                             "before sending")
+    return w * h
+
+
+def _image(data: bytes, spec: InputSpec, what: str) -> np.ndarray:
+    """uint8 [C, H, W] from image bytes (sized by _image_pixels first), decoded exactly as
+    `load_image` decodes files."""
     try:
-        return load_image(io.BytesIO(data), spec)  # type: ignore[arg-type]  # file objects too
+        return load_image(io.BytesIO(data), spec, formats=IMAGE_FORMATS)  # type: ignore[arg-type]
     except Exception:
-        raise not_image from None
+        raise _not_image(what) from None
 
 
 def _npy(data: bytes, what: str) -> np.ndarray:
@@ -346,8 +383,11 @@ def _tensor(x: np.ndarray, spec: InputSpec, from_json: bool = False) -> np.ndarr
 
 
 def decode_inputs(media_type: str, body: bytes, parts: list[tuple[str, bytes]] | None,
-                  spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """A request's samples as the checked batch the model takes (blocking: run in a thread)."""
+                  spec: InputSpec, max_pixels: int,
+                  max_request_pixels: int | None = None) -> np.ndarray:
+    """A request's samples as the checked batch the model takes (blocking: run in a thread).
+    Images are sized from their headers first: each must fit `max_pixels`, all together
+    `max_request_pixels`, before any is decoded (a small upload can decode to gigabytes)."""
     if media_type == "application/json":
         return _tensor(_json_tensor(body), spec, from_json=True)
     if media_type in NPY_TYPES:
@@ -357,12 +397,19 @@ def decode_inputs(media_type: str, body: bytes, parts: list[tuple[str, bytes]] |
     if spec.shape[0] not in (1, 3) and not all(d.startswith(NPY_MAGIC) for _, d in parts):
         raise _problem(422, f"the model takes {spec.shape[0]}-channel input, not images; send "
                             "a tensor as JSON or .npy")
+    images = [(name, data) for name, data in parts if not data.startswith(NPY_MAGIC)]
+    total = sum(_image_pixels(data, spec, name, max_pixels) for name, data in images)
+    if max_request_pixels is not None and total > max_request_pixels:
+        raise _problem(413, f"the request's {len(images)} images hold {total} pixels together, "
+                            f"over the server's limit of {max_request_pixels} per request; "
+                            "send fewer or "
+                            f"smaller images (e.g. resized to {spec.shape[2]}x{spec.shape[1]})")
     arrays = []
     for name, data in parts:
         if data.startswith(NPY_MAGIC):
             arrays.append(_tensor(_npy(data, name), spec))
         else:
-            arrays.append(normalise(_image(data, spec, name, max_pixels)[None], spec))
+            arrays.append(normalise(_image(data, spec, name)[None], spec))
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
@@ -432,8 +479,11 @@ def _auth(token: str) -> Callable[..., Awaitable[None]]:
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body cannot be parsed (bad JSON, .npy "
                                                  "or multipart)."},
-    413: {"model": ErrorResponse, "description": "The upload, an image's pixel count or the "
-                                                 "number of samples is over the limit."},
+    408: {"model": ErrorResponse, "description": "The body did not all arrive within the "
+                                                 "server's body timeout."},
+    413: {"model": ErrorResponse, "description": "The upload, an image's pixel count, the "
+                                                 "request's pixels together or the number of "
+                                                 "samples is over the limit."},
     415: {"model": ErrorResponse, "description": "The content type is not one of those below."},
     422: {"model": ErrorResponse, "description": "Not an image, wrong tensor shape or dtype, "
                                                  "NaN, or options out of range."},
@@ -574,21 +624,6 @@ def create_app(model: AnytimeModel, config: ServeConfig | None = None) -> FastAP
             metrics.rejected.labels(reason="not_ready").inc()
             reason = state.not_ready if batcher is None or batcher.alive else "worker stopped"
             raise _problem(503, f"the model is not ready ({reason}); retry shortly", 1)
-        if state.admitted >= config.max_queue:
-            metrics.rejected.labels(reason="queue_full").inc()
-            raise _problem(503, f"the server is busy ({state.admitted} requests queued, the "
-                                f"limit is {config.max_queue}); retry after a moment",
-                           batcher.expected_wait_s())
-        state.admitted += 1
-        metrics.in_flight.inc()
-        try:
-            answer = await _answer(request, batcher, options)
-        finally:
-            state.admitted -= 1
-            metrics.in_flight.dec()
-        return _response(answer, top_k or min(config.default_top_k, num_classes), t0)
-
-    async def _answer(request: Request, batcher: Batcher, options: PredictOptions) -> Answer:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         multipart = media == "multipart/form-data"
         if not (multipart or media.startswith("image/") or media == "application/json"
@@ -597,16 +632,47 @@ def create_app(model: AnytimeModel, config: ServeConfig | None = None) -> FastAP
                                 "multipart/form-data (a `file` part), image/png, image/jpeg, "
                                 "application/json or application/x-npy")
         with batcher.receiving():  # the batch being formed may wait for this one
-            body = await _read_body(request, config.max_upload_bytes)
-            parts = await _form_parts(request, body, config.max_batch) if multipart else None
-            args = (media, body, parts, spec, config.max_image_pixels)
-            if media in NPY_TYPES and len(body) <= INLINE_NPY_BYTES:
-                x = decode_inputs(*args)  # a copy: cheaper than a hop to a thread and back
-            else:  # parsing JSON and decoding images take long enough to stall the loop
-                x = await run_in_threadpool(decode_inputs, *args)
+            # A client still sending holds no queue slot: slow or stalled uploads (408 after
+            # body_timeout_s) cannot fill the queue and turn the others away.
+            metrics.receiving.inc()
+            try:
+                body = await _read_body(request, config.max_upload_bytes, config.body_timeout_s)
+            finally:
+                metrics.receiving.dec()
+            if state.admitted >= config.max_queue:
+                metrics.rejected.labels(reason="queue_full").inc()
+                raise _problem(503, f"the server is busy ({state.admitted} requests queued, "
+                                    f"the limit is {config.max_queue}); retry after a moment",
+                               batcher.expected_wait_s())
+            state.admitted += 1
+            metrics.in_flight.inc()
+            try:
+                x = await _decode(request, media, body)
+            except BaseException:
+                state.admitted -= 1
+                metrics.in_flight.dec()
+                raise
+        try:
+            answer = await _submit(batcher, x, options)
+        finally:
+            state.admitted -= 1
+            metrics.in_flight.dec()
+        return _response(answer, top_k or min(config.default_top_k, num_classes), t0)
+
+    async def _decode(request: Request, media: str, body: bytes) -> np.ndarray:
+        parts = (await _form_parts(request, body, config.max_batch)
+                 if media == "multipart/form-data" else None)
+        args = (media, body, parts, spec, config.max_image_pixels, config.max_request_pixels)
+        if media in NPY_TYPES and len(body) <= INLINE_NPY_BYTES:
+            x = decode_inputs(*args)  # a copy: cheaper than a hop to a thread and back
+        else:  # parsing JSON and decoding images take long enough to stall the loop
+            x = await run_in_threadpool(decode_inputs, *args)
         if len(x) > config.max_batch:
             raise _problem(413, f"the request holds {len(x)} samples; the server takes at "
                                 f"most {config.max_batch} per request (--max-batch)")
+        return x
+
+    async def _submit(batcher: Batcher, x: np.ndarray, options: PredictOptions) -> Answer:
         try:
             return await batcher.submit(x, options)
         except BatcherClosed as e:

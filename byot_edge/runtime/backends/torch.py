@@ -6,6 +6,8 @@ between it and ONNX Runtime or TensorRT points at the export, not at the model.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,7 +59,9 @@ class TorchBackend(Backend):
             config = state["model_config"]
             model = model_from_config(config)
             model.load_state_dict(state["model"])
-        except (KeyError, TypeError, RuntimeError) as e:
+        except (KeyError, TypeError, RuntimeError, ValueError, OSError, EOFError,
+                pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            # weights_only=True: a file that names anything but tensors is refused here too
             raise ByotError(f"{path} does not hold weights for this manifest's model "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); re-export "
                             "with `byot-edge export`") from None
