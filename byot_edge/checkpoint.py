@@ -8,8 +8,6 @@ normalisation, class names), `train_config`, `epoch`, `model`, `optimizer`, `sch
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +33,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         "`byot-edge train` (RUN_DIR/best.pt or RUN_DIR/last.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError,
-            ValueError) as e:
-        raise ByotError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); it may be truncated or corrupt: "
-                        "use another checkpoint (last.pt / best.pt) or train again") from None
+    except Exception as e:  # junk raises anything from EOFError to KeyError inside pickle
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise ByotError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); "
+                        "it may be truncated or corrupt: use another checkpoint (last.pt / "
+                        "best.pt) or train again") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ByotError(f"{path} is a PyTorch file but not a byot-edge checkpoint; "
                         "pass a file written by `byot-edge train`")
-    if state.get("version", 0) > CHECKPOINT_VERSION:
+    version = state.get("version", 0)
+    if not isinstance(version, int):
+        raise ByotError(f"{path} has checkpoint version {version!r}, not a number this "
+                        f"byot-edge reads (it writes {CHECKPOINT_VERSION}); pass a file written "
+                        "by `byot-edge train`")
+    if version > CHECKPOINT_VERSION:
         raise ByotError(f"{path} was written by a newer byot-edge (checkpoint version "
-                        f"{state['version']}); upgrade byot-edge to read it")
+                        f"{version}); upgrade byot-edge to read it")
+    for key in ("model_config", "model"):
+        if not isinstance(state.get(key), dict):
+            raise ByotError(f"{path} has no {key}, which every checkpoint `byot-edge train` "
+                            "writes holds; use another checkpoint (last.pt / best.pt)")
     return state
 
 

@@ -214,7 +214,36 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ByotError(f"{path} has manifest version {d['version']}, newer than this byot-edge "
                         f"reads ({MANIFEST_VERSION}); upgrade byot-edge")
     validate_manifest_dict(d, path)
-    return Manifest.from_dict(d, root=path.parent)
+    manifest = Manifest.from_dict(d, root=path.parent)
+    check_consistency(manifest, path)
+    return manifest
+
+
+# Scores lie in 0..1; a threshold above 1 (written as 2) switches an exit off.
+THRESHOLD_OFF = 2.0
+
+
+def check_consistency(manifest: Manifest, where: str | Path) -> None:
+    """What the schema cannot say: lengths and ranges that depend on the model."""
+    k, classes = manifest.num_exits, manifest.model.get("num_classes")
+    fix = "re-export it with `byot-edge export` (or re-run `byot-edge calibrate`)"
+    if classes is not None and len(manifest.class_names) != classes:
+        raise ByotError(f"{where} lists {len(manifest.class_names)} class names for a "
+                        f"{classes}-class model; {fix}")
+    th = manifest.thresholds
+    if th is None:
+        return
+    if len(th.values) != k - 1:
+        raise ByotError(f"{where} has {len(th.values)} thresholds; a {k}-exit model needs "
+                        f"{k - 1} (exits 1..{k - 1}; exit {k} always answers); {fix}")
+    bad = [v for v in th.values if not (0 <= v <= 1 or v == THRESHOLD_OFF)]
+    if bad:
+        raise ByotError(f"{where} has thresholds {bad} outside [0, 1] (or "
+                        f"{THRESHOLD_OFF:g} for an exit that is off); {fix}")
+    if th.temperatures is not None and (len(th.temperatures) != k
+                                        or any(t <= 0 for t in th.temperatures)):
+        raise ByotError(f"{where} has temperatures {th.temperatures}; a {k}-exit model needs "
+                        f"{k} positive ones; {fix}")
 
 
 def verify_file(path: Path, sha256: str, k: int | None = None) -> None:

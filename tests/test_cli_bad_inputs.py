@@ -64,6 +64,32 @@ def workspace(tmp_path_factory) -> Path:
     m = json.loads((evil / "manifest.json").read_text())
     m["weights"]["sha256"] = hashlib.sha256((evil / "weights.pt").read_bytes()).hexdigest()
     (evil / "manifest.json").write_text(json.dumps(m))
+    # Manifests that disagree with their model, and a folder with a changed file.
+    for name, change in {
+        "short_thresholds": lambda d: d["thresholds"].update(values=[0.5]),
+        "bad_thresholds": lambda d: d["thresholds"].update(values=[2, -1, 0.5]),
+        "one_class": lambda d: d.update(class_names=["only"]),
+    }.items():
+        folder = ws / name
+        shutil.copytree(ws / "deploy", folder)
+        d = json.loads((folder / "manifest.json").read_text())
+        d["thresholds"] = {"criterion": "max_softmax", "values": [0.5, 0.5, 0.5]}
+        change(d)
+        (folder / "manifest.json").write_text(json.dumps(d))
+    shutil.copytree(ws / "deploy", ws / "corrupt")
+    seg = ws / "corrupt" / "segment2.onnx"
+    seg.write_bytes(seg.read_bytes()[:-10] + b"0123456789")
+    # Checkpoints that are not what `train` writes.
+    (ws / "text.pt").write_text("hello\n")
+    (ws / "empty.pt").write_bytes(b"")
+    import torch
+
+    from byot_edge.checkpoint import load_checkpoint
+    state = load_checkpoint(run / "best.pt")
+    torch.save({**state, "version": "2"}, ws / "v2.pt")
+    torch.save({k: v for k, v in state.items() if k != "model_config"}, ws / "no_model.pt")
+    torch.save({k: v for k, v in state.items() if k != "train_config"}, ws / "no_train.pt")
+    (ws / "a_file").write_text("a file, not a folder\n")
     return ws
 
 
@@ -147,7 +173,7 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("predict", M, "bomb.png"), ("bomb.png", "too large")),
     (("predict", M, IMG, "--exit", "9"), ("exit", "9")),
     (("predict", M, IMG, "--threshold", "abc"), ("--threshold",)),
-    (("predict", M, IMG, "--threshold", "nan"), ("threshold", "finite")),
+    (("predict", M, IMG, "--threshold", "nan"), ("threshold", "[0, 1]")),
     (("predict", M, IMG, "--backend", "foo"), ("foo",)),
     (("predict", M, IMG, "--stat", "foo"), ("foo",)),
     (("predict", M, IMG, "--criterion", "foo"), ("foo",)),
@@ -188,6 +214,29 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("serve", M, "--port", "99999"), ("--port",)),
     (("serve", M, "--token", " "), ("token",)),
     (("serve", M, "--backend", "foo"), ("foo",)),
+    # a corrupt deploy folder and manifests that disagree with their model
+    (("serve", "corrupt/manifest.json"), ("segment2.onnx", "sha256")),
+    (("serve", "short_thresholds/manifest.json"), ("1 thresholds", "needs 3")),
+    (("predict", "short_thresholds/manifest.json", IMG), ("1 thresholds", "needs 3")),
+    (("predict", "bad_thresholds/manifest.json", IMG), ("[-1]", "[0, 1]")),
+    (("predict", "one_class/manifest.json", IMG), ("1 class names", "10-class")),
+    # thresholds outside [0, 1] (2 switches an exit off)
+    (("predict", M, IMG, "--threshold", "1.5"), ("threshold", "[0, 1]")),
+    (("predict", M, IMG, "--threshold", "-1"), ("threshold", "[0, 1]")),
+    # checkpoints that are not checkpoints
+    (("eval", "text.pt"), ("text.pt",)),
+    (("eval", "empty.pt"), ("empty.pt",)),
+    (("eval", "v2.pt"), ("v2.pt", "version")),
+    (("eval", "no_model.pt"), ("no_model.pt", "model_config")),
+    (("export", "no_model.pt", "--out", "new_deploy"), ("no_model.pt", "model_config")),
+    (("train", "--resume", "no_train.pt"), ("no_train.pt", "cannot be resumed")),
+    # more options out of range, and outputs under a file
+    ((*SYN, "--val-split", "-0.1"), ("--val-split",)),
+    ((*SYN, "--threads", "-2"), ("--threads",)),
+    (("export", "run/best.pt", "--out", "a_file/deploy"), ("a_file",)),
+    (("eval", "run/best.pt", "--json", "a_file/eval.json"), ("--json", "a_file")),
+    (("bench", M, "--out", "a_file/bench"), ("--out", "a_file")),
+    (("train", "--dataset", "synthetic", "--out", "a_file/run"), ("--out", "a_file")),
 ]
 
 

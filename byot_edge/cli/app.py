@@ -58,7 +58,26 @@ def output_file(path: Path | None, option: str) -> Path | None:
     if path is not None and path.is_dir():
         raise ByotError(f"{option} {path} is a folder; pass the name of a file to write "
                         "(in it or elsewhere)")
+    if path is not None:
+        _no_file_above(path.parent, option, path)
     return path
+
+
+def output_folder(path: Path, option: str) -> Path:
+    """A folder a command will write into: refused up front where a file is in the way."""
+    if path.exists() and not path.is_dir():
+        raise ByotError(f"{option} {path} is a file; pass a folder to write into")
+    _no_file_above(path.parent, option, path)
+    return path
+
+
+def _no_file_above(folder: Path, option: str, path: Path) -> None:
+    for above in (folder, *folder.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ByotError(f"{option} {path}: {above} is a file, not a folder; pass a "
+                                "path whose folders are folders")
+            return
 
 
 def torch_device(name: str, option: str = "--device") -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from byot_edge.cli.app import app, at_least, console
+from byot_edge.cli.app import app, at_least, console, output_folder
 from byot_edge.errors import ByotError
 
 EXAMPLE = """
@@ -59,6 +59,7 @@ def bench(
     from byot_edge.bench import run_bench, write_report
 
     batches = _csv_ints(batch)
+    output_folder(out, "--out")
     for value, low, option in ((limit, 1, "--limit"), (eval_batch, 1, "--eval-batch"),
                                (runs, 1, "--runs"), (warmup, 0, "--warmup")):
         at_least(value, low, option)

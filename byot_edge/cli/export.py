@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from byot_edge.cli.app import app, console
+from byot_edge.cli.app import app, console, output_folder
 from byot_edge.errors import ByotError
 
 _EXAMPLE = (
@@ -68,6 +68,7 @@ def export(
     from byot_edge.export.exporter import export_checkpoint
     from byot_edge.export.trt_build import TrtOptions
 
+    output_folder(out, "--out")
     formats = ("onnx", "trt") if fmt == "all" else (fmt,)
     trt = TrtOptions(precision=precision, batch_range=_parse_range(batch_range),
                      workspace_mb=workspace_mb, timing_cache=timing_cache,

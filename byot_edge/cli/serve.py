@@ -79,6 +79,7 @@ def serve_command(
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)
     with AnytimeModel.load(manifest, backend=backend, device=device,
                            **({"threads": threads} if threads else {})) as model:
+        model.backend.verify_files()
         console.print(f"serving {manifest} ({model.num_exits} exits) with {model.backend.name} "
                       f"on http://{host}:{port} (docs at /docs)", highlight=False, soft_wrap=True)
         serve(model, config, host=host, port=port, log_level=log_level)

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from byot_edge.cli.app import app, console
+from byot_edge.cli.app import app, console, output_folder
 from byot_edge.errors import ByotError
 
 EXAMPLE = """
@@ -156,6 +156,7 @@ def train(
                  if ctx.get_parameter_source(k).name in ("COMMANDLINE", "ENVIRONMENT")}
         typed.setdefault("out", str(resume.parent))
         cfg = resume_config(load_checkpoint(resume), typed, override=override, source=resume)
+    output_folder(Path(cfg.out), "--out")
     run = run_training(cfg, resume=resume, reporter=ProgressReporter())
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

@@ -17,7 +17,6 @@ one span. `run` returns arrays and what was run (for servers and benchmarks);
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -89,12 +88,12 @@ class PredictOptions:
         values = ([] if self.threshold is None else list(self.threshold)
                   if isinstance(self.threshold, Sequence) else [self.threshold])
         try:
-            bad = not all(math.isfinite(float(t)) for t in values)
+            bad = not all(0 <= float(t) <= 1 or float(t) == NEVER for t in values)
         except (TypeError, ValueError):
             bad = True
         if bad:
-            raise ByotError(f"threshold must be finite numbers (> 1 switches an exit off), got "
-                            f"{self.threshold}")
+            raise ByotError(f"threshold must be numbers in [0, 1] (or {NEVER:g} to switch an "
+                            f"exit off), got {self.threshold}")
         if self.criterion is not None:
             check_criterion(self.criterion)
         check_stat(self.stat)

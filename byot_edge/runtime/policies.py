@@ -23,10 +23,11 @@ from typing import Protocol
 import numpy as np
 
 from byot_edge.errors import ByotError
+from byot_edge.manifest import THRESHOLD_OFF
 
 CRITERIA = ("max_softmax", "entropy", "margin")
 # Scores are <= 1, so this threshold never lets a sample out (JSON has no infinity).
-NEVER = 2.0
+NEVER = THRESHOLD_OFF
 
 
 def check_criterion(criterion: str) -> str:

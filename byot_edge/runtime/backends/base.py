@@ -167,6 +167,14 @@ class Backend(ABC):
         path = self.manifest.file_path(k, file_kind)
         return self.manifest.exit(k).files[file_kind], path
 
+    def verify_files(self) -> None:
+        """Check every file this backend would read against the manifest's sha256 now, so a
+        server refuses a corrupt folder at start-up instead of failing its warm-up."""
+        for kind_files in (self.file_kinds or {}).values():
+            for entry in self.manifest.exits:
+                if kind_files in entry.files:
+                    self.manifest.file_path(entry.index, kind_files)
+
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release sessions, engines and buffers."""
 
