@@ -129,9 +129,9 @@ def predict_command(
         result = model.run(batch, opts)
     table = Table("image", "class", "confidence", "exit", "ms",
                   title=f"{result.mode} on {backend} ({model.backend.device})",
-                  caption=f"ms: from the start of the batch ({len(images)} image"
-                          f"{'s' if len(images) != 1 else ''} run together) until the exit "
-                          "that answered the image")
+                  caption=("ms: from the start of the run until the exit that answered the "
+                           "image" + (f" (the {len(images)} images run as one batch)"
+                                      if len(images) > 1 else "")))
     for path, p in zip(images, result.predictions(model.class_names), strict=True):
         table.add_row(str(path), p.label, f"{p.confidence:.3f}", str(p.exit), f"{p.latency_ms:.2f}")
     console.print(table)
