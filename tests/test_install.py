@@ -17,9 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-from server_fixtures import deployed_model
+from server_fixtures import deployed_model, write_val_logits
 
 try:
     import tomllib
@@ -129,14 +128,8 @@ def deploy(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("no-torch") / "deploy"
     shutil.copytree(src.manifest.parent, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    k, n, classes = len(manifest["exits"]), 200, len(manifest["class_names"])
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, classes, n)
-    logits = rng.standard_normal((k, n, classes)).astype(np.float32)
-    for e in range(k):  # deeper exits know more
-        logits[e, np.arange(n), labels] += 1.0 + e
-    np.savez(folder / "val.npz", logits=logits, labels=labels, split="val", dataset="synthetic",
-             exits=np.arange(1, k + 1))
+    write_val_logits(folder / "val.npz", len(manifest["exits"]), len(manifest["class_names"]),
+                     200, "synthetic")
     return folder
 
 

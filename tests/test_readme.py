@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_fixtures import deployed_model
+from server_fixtures import deployed_model, write_val_logits
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -61,14 +61,8 @@ def quickstart_dir(tmp_path_factory) -> Path:
         # the first under the name the README gives it (Fashion-MNIST's first test image)
         shutil.copy(image, run / "images" / (f"test{i}_image.png" if i else
                                              "test0_ankle-boot.png"))
-    k, classes = len(manifest["exits"]), manifest["class_names"]
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, len(classes), 300)
-    logits = rng.standard_normal((k, len(labels), len(classes))).astype(np.float32)
-    for e in range(k):  # deeper exits know more
-        logits[e, np.arange(len(labels)), labels] += 1.0 + e
-    np.savez(run / "val_logits.npz", logits=logits, labels=labels, split="val",
-             dataset="cifar10", exits=np.arange(1, k + 1))
+    classes = manifest["class_names"]
+    write_val_logits(run / "val_logits.npz", len(manifest["exits"]), len(classes), 300, "cifar10")
     _cifar_test_split(run / "data", 40, classes)
     return run
 

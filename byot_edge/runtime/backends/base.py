@@ -170,10 +170,10 @@ class Backend(ABC):
     def verify_files(self) -> None:
         """Check every file this backend would read against the manifest's sha256 now, so a
         server refuses a corrupt folder at start-up instead of failing its warm-up."""
-        for kind_files in (self.file_kinds or {}).values():
+        for kind in (self.file_kinds or {}).values():
             for entry in self.manifest.exits:
-                if kind_files in entry.files:
-                    self.manifest.file_path(entry.index, kind_files)
+                if kind in entry.files:
+                    self.manifest.file_path(entry.index, kind)
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release sessions, engines and buffers."""
