@@ -39,14 +39,14 @@ class GatedModel(AnytimeModel):
         self.runs: list[tuple[int, PredictOptions]] = []
         self.fail_next: Exception | None = None
 
-    def run(self, batch: Any, options: PredictOptions | None = None) -> CascadeResult:
-        self.entered.set()
+    def run_checked(self, x: np.ndarray, options: PredictOptions) -> CascadeResult:
+        self.entered.set()  # the batcher runs what the server checked, unchecked
         assert self.gate.wait(30)
-        self.runs.append((len(batch), options or PredictOptions()))
+        self.runs.append((len(x), options))
         if self.fail_next is not None:
             e, self.fail_next = self.fail_next, None
             raise e
-        return super().run(batch, options)
+        return super().run_checked(x, options)
 
     def warmup(self, batch_size: int = 1) -> None:
         assert self.gate.wait(30)
@@ -374,3 +374,21 @@ def test_each_request_gets_only_its_own_rows() -> None:
     for name in ("indices", "confidences", "exits", "latency_ms", "probabilities"):
         assert len(getattr(part, name)) == 2, name
     assert part.probabilities is not None and part.probabilities[0, 1] == 1
+
+
+def test_the_model_endpoint_reports_the_device_the_sessions_really_run_on(
+        deployed: Deployed) -> None:
+    # ONNX Runtime falls back to the CPU silently when CUDA fails: the device is known only
+    # once sessions exist, after the server was built (the warm-up creates them).
+    from byot_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    class FallsBack(OnnxRuntimeBackend):
+        @property
+        def device(self) -> str:
+            return "cpu (after the fallback)" if self._sessions else "cuda (as asked)"
+
+    manifest = load_manifest(deployed.manifest)
+    model = AnytimeModel(manifest, FallsBack(manifest, device="cpu", threads=1))
+    with serving(model, warmup=True) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
+        assert c.get("/v1/model").json()["serving"]["device"] == "cpu (after the fallback)"
