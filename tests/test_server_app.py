@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi import APIRouter, Request
 from server_fixtures import Deployed, client, deployed_model, in_thread, wait_until
 from typer.testing import CliRunner
 
@@ -25,7 +26,7 @@ from byot_edge.runtime.backends import artifact_name
 from byot_edge.runtime.batching import Batcher
 from byot_edge.runtime.policies import softmax
 from byot_edge.runtime.preprocess import load_images
-from byot_edge.runtime.server import PredictResponse, ServeConfig, create_app
+from byot_edge.runtime.server import PredictResponse, ServeConfig, ServerContext, create_app
 
 
 class GatedModel(AnytimeModel):
@@ -392,3 +393,40 @@ def test_the_model_endpoint_reports_the_device_the_sessions_really_run_on(
     with serving(model, warmup=True) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
         assert c.get("/v1/model").json()["serving"]["device"] == "cpu (after the fallback)"
+
+
+def test_a_mounted_router_shares_the_model_the_batcher_the_auth_and_the_metrics(
+        deployed: Deployed, x: np.ndarray) -> None:
+    # How another wire format (the Open Inference Protocol) plugs in: a router factory.
+    # (FastAPI resolves the route's string annotations in this module's globals.)
+    def fixed_exit_router(ctx: ServerContext) -> APIRouter:
+        router = APIRouter(dependencies=ctx.protect)
+
+        @router.post("/v2/exit/{k}")
+        async def infer(k: int, request: Request) -> dict[str, Any]:
+            async def read() -> bytes:
+                return await request.body()
+
+            async def decode(body: bytes) -> np.ndarray:
+                return np.load(io.BytesIO(body))  # the test sends what the model takes
+
+            answer = await ctx.predict(ctx.options(exit=k), read, decode)
+            return {"exits": answer.result.exits.tolist(), "batch": answer.batch_size}
+
+        return router
+
+    model = AnytimeModel.load(deployed.manifest, threads=1)
+    config = ServeConfig(warmup=False, max_wait_ms=0, token="t0ken")
+    app = create_app(model, config, routers=[fixed_exit_router])
+    with in_thread(app) as url, client(url) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
+        assert c.post("/v2/exit/2", content=npy(x[:3])).status_code == 401
+        auth = {"Authorization": "Bearer t0ken"}
+        r = c.post("/v2/exit/2", content=npy(x[:3]), headers=auth)
+        assert r.status_code == 200 and r.json() == {"exits": [2, 2, 2], "batch": 3}
+        r = c.post("/v2/exit/9", content=npy(x[:3]), headers=auth)
+        assert r.status_code == 422 and "exit 9 does not exist" in r.json()["detail"]
+        metrics = c.get("/metrics", headers=auth).text
+    assert 'endpoint="/v2/exit/{k}",status="200"' in metrics
+    assert "byot_edge_batch_size_count 1.0" in metrics
+    model.close()

@@ -30,6 +30,9 @@ Another router (e.g. the Open Inference Protocol) is a function of the context:
 
     app = create_app(model, config, routers=[oip_router])
 
+FastAPI reads a route's annotations at run time: in a module with `from __future__ import
+annotations`, every name they use (Request, a local bound) must resolve in its globals.
+
 Only this package (and the CLI command that calls it) imports fastapi; the rest of the
 package never imports it. A RequestError answers its status, another ByotError 422.
 """
