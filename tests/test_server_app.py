@@ -430,3 +430,28 @@ def test_a_mounted_router_shares_the_model_the_batcher_the_auth_and_the_metrics(
     assert 'endpoint="/v2/exit/{k}",status="200"' in metrics
     assert "byot_edge_batch_size_count 1.0" in metrics
     model.close()
+
+
+def test_a_request_is_validated_once(model: GatedModel, x: np.ndarray,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Options and batch are checked on arrival; the batcher runs them as they are.
+    import byot_edge.runtime.anytime as anytime
+    import byot_edge.runtime.decode as decode
+
+    calls: list[str] = []
+
+    def counted(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for module in (anytime, decode):
+        monkeypatch.setattr(module, "check_batch", counted("batch", module.check_batch))
+    monkeypatch.setattr(PredictOptions, "validate", counted("options", PredictOptions.validate))
+    with serving(model) as c:
+        calls.clear()
+        r = c.post("/v1/predict", content=npy(x[:2]), params={"threshold": 0.5},
+                   headers={"Content-Type": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    assert sorted(calls) == ["batch", "options"]
