@@ -25,7 +25,7 @@ from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOption
 from byot_edge.runtime.backends import artifact_name
 from byot_edge.runtime.batching import Batcher
 from byot_edge.runtime.policies import softmax
-from byot_edge.runtime.preprocess import load_images
+from byot_edge.runtime.preprocess import check_batch, load_images
 from byot_edge.runtime.server import PredictResponse, ServeConfig, ServerContext, create_app
 
 
@@ -408,7 +408,8 @@ def test_a_mounted_router_shares_the_model_the_batcher_the_auth_and_the_metrics(
                 return await request.body()
 
             async def decode(body: bytes) -> np.ndarray:
-                return np.load(io.BytesIO(body))  # the test sends what the model takes
+                # The batcher runs what it is given unchecked: check it here, once.
+                return check_batch(np.load(io.BytesIO(body)), ctx.model.manifest.input)
 
             answer = await ctx.predict(ctx.options(exit=k), read, decode)
             return {"exits": answer.result.exits.tolist(), "batch": answer.batch_size}
