@@ -1,19 +1,14 @@
 """Helpers for the server tests: one exported model per session, and real servers
-(`byot-edge serve` in a subprocess on a free loopback port)."""
+(`byot-edge serve` in a subprocess on a free loopback port, from byot_edge.loadgen, which
+benchmarks/serve_load.py uses too)."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +19,11 @@ import torch
 from conftest import make_checkpoint
 from PIL import Image
 
+from byot_edge import loadgen
 from byot_edge.checkpoint import load_checkpoint, save_checkpoint
 from byot_edge.export.exporter import export_checkpoint
+from byot_edge.loadgen import HOST, free_port, wait_until
+from byot_edge.loadgen import ServerProcess as Server
 from byot_edge.manifest import Thresholds
 from byot_edge.models import model_from_config
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
@@ -34,7 +32,8 @@ from byot_edge.runtime.preprocess import load_images
 from byot_edge.runtime.profile import profile_backend, store_profiles
 
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
+__all__ = ["HOST", "REPO", "Deployed", "Server", "client", "deployed_model", "free_port",
+           "in_thread", "running", "start_server", "wait_until", "write_val_logits"]
 
 
 @dataclass(frozen=True)
@@ -128,88 +127,14 @@ def deployed_model(factory: pytest.TempPathFactory) -> Deployed:
     return _CACHE["deployed"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def client(base_url: str, timeout: float = 30, **kwargs: Any) -> httpx.Client:
     # trust_env=False: a proxy configured in the environment must not see loopback traffic.
     return httpx.Client(base_url=base_url, trust_env=False, timeout=timeout, **kwargs)
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def metric(self, name: str, headers: dict[str, str] | None = None) -> float:
-        """One unlabelled sample from /metrics."""
-        with client(self.url, headers=headers or {}) as c:
-            text = c.get("/metrics").text
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        assert m, f"{name} not in /metrics"
-        return float(m.group(1))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"the server ignored signal {sig}:\n{self.log}") from None
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str,
-               server: Server | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if server is not None and server.proc.poll() is not None:
-            raise AssertionError(f"the server exited ({server.proc.returncode}) while waiting "
-                                 f"for {what}:\n{server.log}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
-                                 + (f":\n{server.log}" if server else ""))
-        time.sleep(0.02)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with client(url, timeout=2) as c:
-            return c.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def start_server(argv: list[str], env: dict[str, str] | None = None) -> Server:
     """`argv` after `byot-edge`, with PORT standing for a free port; waits for /readyz."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "byot_edge.cli", *(a.replace("PORT", str(port)) for a in argv)]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=REPO)
-    server = Server(f"http://{HOST}:{port}", proc)
-
-    def pump() -> None:  # keep the pipe drained, keep the log for failure messages
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            server.lines.append(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        wait_until(lambda: _ready(server.url), 60, "/readyz", server)
-    except BaseException:
-        server.stop(signal.SIGKILL)
-        raise
-    return server
+    return loadgen.start_server(argv, env, cwd=REPO)
 
 
 @contextmanager

@@ -243,12 +243,12 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
 @pytest.mark.parametrize("args,needles", CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, monkeypatch, args,
                                                           needles):
-    import byot_edge.runtime.server as server
+    import byot_edge.cli.serve as serve_cli
 
     def started(*a, **kw):
         raise AssertionError("the server started")
 
-    monkeypatch.setattr(server, "serve", started)  # a case that gets this far would hang
+    monkeypatch.setattr(serve_cli, "run_uvicorn", started)  # a case that gets this far would hang
     monkeypatch.chdir(workspace)
     before = _snapshot(workspace)
     r = runner.invoke(app, list(args))

@@ -1,10 +1,9 @@
 """The HTTP server, for real: `byot-edge serve` in a subprocess on a loopback port, spoken
-to over HTTP. In-process batching and fuzzing tests are in test_server_batching.py and
+to over HTTP. In-process batching and fuzzing tests are in test_server_app.py and
 test_server_fuzz.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
@@ -36,6 +35,7 @@ from server_fixtures import (
     wait_until,
 )
 
+from byot_edge import loadgen
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.preprocess import load_images
 from byot_edge.runtime.server import PredictResponse
@@ -433,9 +433,8 @@ def test_a_request_still_sending_holds_no_slot(slow_server: Server) -> None:
 
 
 def test_a_burst_gets_200s_and_503s_only_then_recovers(slow_server: Server) -> None:
-    load = load_module()
-    payloads = load.npy_payloads(np.zeros((4, 3, 32, 32), np.float32))
-    res = load.run_load(slow_server.url, 12, 48, 30, payloads)
+    payloads = loadgen.npy_payloads(np.zeros((4, 3, 32, 32), np.float32))
+    res = loadgen.run_load(slow_server.url, 12, 48, 30, payloads)
     assert set(res.statuses) <= {200, 503} and res.statuses.get(503, 0) > 0, res.statuses
     assert res.ok > 0 and not res.malformed, res.malformed[:3]
     with client(slow_server.url) as c:
@@ -473,24 +472,13 @@ def test_sigterm_finishes_the_requests_in_flight(deployed: Deployed) -> None:
 # -- load -----------------------------------------------------------------------------------
 
 
-def load_module() -> Any:
-    spec = importlib.util.spec_from_file_location("serve_load",
-                                                  REPO / "benchmarks" / "serve_load.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("serve_load", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bounded_load_has_no_5xx_and_well_formed_answers(
         server: Server, deployed: Deployed, reference: AnytimeModel,
         capsys: pytest.CaptureFixture[str]) -> None:
-    load = load_module()
     x = load_images(deployed.images, reference.manifest.input)
-    payloads = load.npy_payloads(x) + [load.Payload(p.read_bytes(), "image/png", 1, True)
+    payloads = loadgen.npy_payloads(x) + [loadgen.Payload(p.read_bytes(), "image/png", 1, True)
                                        for p in deployed.images if p.suffix == ".png"]
-    res = load.run_load(server.url, 8, 240, 20, payloads, {"top_k": 2})
+    res = loadgen.run_load(server.url, 8, 240, 20, payloads, {"top_k": 2})
     assert res.server_errors == 0 and not res.malformed, (res.statuses, res.malformed[:3])
     assert res.statuses == {200: res.requests} and res.requests > 0
     summary = res.summary()

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi import APIRouter, Request
 from server_fixtures import Deployed, client, deployed_model, in_thread, wait_until
 from typer.testing import CliRunner
 
@@ -24,8 +25,8 @@ from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOption
 from byot_edge.runtime.backends import artifact_name
 from byot_edge.runtime.batching import Batcher
 from byot_edge.runtime.policies import softmax
-from byot_edge.runtime.preprocess import load_images
-from byot_edge.runtime.server import PredictResponse, ServeConfig, create_app
+from byot_edge.runtime.preprocess import check_batch, load_images
+from byot_edge.runtime.server import PredictResponse, ServeConfig, ServerContext, create_app
 
 
 class GatedModel(AnytimeModel):
@@ -39,14 +40,14 @@ class GatedModel(AnytimeModel):
         self.runs: list[tuple[int, PredictOptions]] = []
         self.fail_next: Exception | None = None
 
-    def run(self, batch: Any, options: PredictOptions | None = None) -> CascadeResult:
-        self.entered.set()
+    def run_checked(self, x: np.ndarray, options: PredictOptions) -> CascadeResult:
+        self.entered.set()  # the batcher runs what the server checked, unchecked
         assert self.gate.wait(30)
-        self.runs.append((len(batch), options or PredictOptions()))
+        self.runs.append((len(x), options))
         if self.fail_next is not None:
             e, self.fail_next = self.fail_next, None
             raise e
-        return super().run(batch, options)
+        return super().run_checked(x, options)
 
     def warmup(self, batch_size: int = 1) -> None:
         assert self.gate.wait(30)
@@ -374,3 +375,84 @@ def test_each_request_gets_only_its_own_rows() -> None:
     for name in ("indices", "confidences", "exits", "latency_ms", "probabilities"):
         assert len(getattr(part, name)) == 2, name
     assert part.probabilities is not None and part.probabilities[0, 1] == 1
+
+
+def test_the_model_endpoint_reports_the_device_the_sessions_really_run_on(
+        deployed: Deployed) -> None:
+    # ONNX Runtime falls back to the CPU silently when CUDA fails: the device is known only
+    # once sessions exist, after the server was built (the warm-up creates them).
+    from byot_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    class FallsBack(OnnxRuntimeBackend):
+        @property
+        def device(self) -> str:
+            return "cpu (after the fallback)" if self._sessions else "cuda (as asked)"
+
+    manifest = load_manifest(deployed.manifest)
+    model = AnytimeModel(manifest, FallsBack(manifest, device="cpu", threads=1))
+    with serving(model, warmup=True) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
+        assert c.get("/v1/model").json()["serving"]["device"] == "cpu (after the fallback)"
+
+
+def test_a_mounted_router_shares_the_model_the_batcher_the_auth_and_the_metrics(
+        deployed: Deployed, x: np.ndarray) -> None:
+    # How another wire format (the Open Inference Protocol) plugs in: a router factory.
+    # (FastAPI resolves the route's string annotations in this module's globals.)
+    def fixed_exit_router(ctx: ServerContext) -> APIRouter:
+        router = APIRouter(dependencies=ctx.protect)
+
+        @router.post("/v2/exit/{k}")
+        async def infer(k: int, request: Request) -> dict[str, Any]:
+            async def read() -> bytes:
+                return await request.body()
+
+            async def decode(body: bytes) -> np.ndarray:
+                # The batcher runs what it is given unchecked: check it here, once.
+                return check_batch(np.load(io.BytesIO(body)), ctx.model.manifest.input)
+
+            answer = await ctx.predict(ctx.options(exit=k), read, decode)
+            return {"exits": answer.result.exits.tolist(), "batch": answer.batch_size}
+
+        return router
+
+    model = AnytimeModel.load(deployed.manifest, threads=1)
+    config = ServeConfig(warmup=False, max_wait_ms=0, token="t0ken")
+    app = create_app(model, config, routers=[fixed_exit_router])
+    with in_thread(app) as url, client(url) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 30, "/readyz")
+        assert c.post("/v2/exit/2", content=npy(x[:3])).status_code == 401
+        auth = {"Authorization": "Bearer t0ken"}
+        r = c.post("/v2/exit/2", content=npy(x[:3]), headers=auth)
+        assert r.status_code == 200 and r.json() == {"exits": [2, 2, 2], "batch": 3}
+        r = c.post("/v2/exit/9", content=npy(x[:3]), headers=auth)
+        assert r.status_code == 422 and "exit 9 does not exist" in r.json()["detail"]
+        metrics = c.get("/metrics", headers=auth).text
+    assert 'endpoint="/v2/exit/{k}",status="200"' in metrics
+    assert "byot_edge_batch_size_count 1.0" in metrics
+    model.close()
+
+
+def test_a_request_is_validated_once(model: GatedModel, x: np.ndarray,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Options and batch are checked on arrival; the batcher runs them as they are.
+    import byot_edge.runtime.anytime as anytime
+    import byot_edge.runtime.decode as decode
+
+    calls: list[str] = []
+
+    def counted(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for module in (anytime, decode):
+        monkeypatch.setattr(module, "check_batch", counted("batch", module.check_batch))
+    monkeypatch.setattr(PredictOptions, "validate", counted("options", PredictOptions.validate))
+    with serving(model) as c:
+        calls.clear()
+        r = c.post("/v1/predict", content=npy(x[:2]), params={"threshold": 0.5},
+                   headers={"Content-Type": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    assert sorted(calls) == ["batch", "options"]

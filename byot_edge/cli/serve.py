@@ -1,15 +1,18 @@
-"""`byot-edge serve`: the HTTP server (byot_edge.runtime.server) under uvicorn."""
+"""`byot-edge serve`: the HTTP server (byot_edge.runtime.server) under uvicorn, with the
+process's start-up: signal handlers, and draining the requests in flight on SIGTERM."""
 
 from __future__ import annotations
 
 import ipaddress
+import signal
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from byot_edge.cli.app import app, at_least, console, err_console
-from byot_edge.errors import ByotError
+from byot_edge.errors import ByotError, missing_dependency
 
 SERVE_EXAMPLE = """
 Examples:
@@ -24,6 +27,32 @@ Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics; the API
 
 Needs the serve extra: pip install 'byot-edge\\[serve]'. See docs/serving.md.
 """
+
+
+def run_uvicorn(app: Any, *, host: str, port: int, log_level: str,
+                shutdown_timeout_s: int) -> None:
+    """Run the ASGI app until SIGINT/SIGTERM, which finish the requests in flight (up to
+    `shutdown_timeout_s`) before returning."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise missing_dependency("uvicorn", "serve", "to serve models") from None
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on",
+        timeout_graceful_shutdown=shutdown_timeout_s))
+    # uvicorn re-raises the signal it stopped on once it is done; with these handlers in
+    # place that is a no-op, so a graceful stop returns normally (exit code 0).
+    stopped: list[int] = []
+    previous = ({sig: signal.signal(sig, lambda s, _f: stopped.append(s))
+                 for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise ByotError(f"the server did not start on {host}:{port}; see the log above")
 
 
 def _is_loopback(host: str) -> bool:
@@ -66,7 +95,7 @@ def serve_command(
     """Serve an exported model over HTTP, answering each request from the shallowest
     confident exit, with dynamic batching."""
     from byot_edge.runtime.anytime import AnytimeModel
-    from byot_edge.runtime.server import ServeConfig, serve  # fastapi: only when serving
+    from byot_edge.runtime.server import ServeConfig, create_app  # fastapi: only when serving
 
     if not 0 <= port <= 65535:
         raise ByotError(f"--port must be a TCP port, 0..65535, got {port}")
@@ -82,5 +111,6 @@ def serve_command(
         model.backend.verify_files()
         console.print(f"serving {manifest} ({model.num_exits} exits) with {model.backend.name} "
                       f"on http://{host}:{port} (docs at /docs)", highlight=False, soft_wrap=True)
-        serve(model, config, host=host, port=port, log_level=log_level)
+        run_uvicorn(create_app(model, config), host=host, port=port, log_level=log_level,
+                    shutdown_timeout_s=config.shutdown_timeout_s)
     console.print("server stopped")

@@ -96,11 +96,6 @@ class Batcher:
     # -- state ---------------------------------------------------------------------------
 
     @property
-    def depth(self) -> int:
-        """Requests waiting for a batch (not yet running)."""
-        return len(self._pending)
-
-    @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -146,8 +141,10 @@ class Batcher:
             self._arrived.set()  # a batch waiting for this request re-checks
 
     async def submit(self, x: np.ndarray, options: PredictOptions) -> Answer:
-        """x: a checked batch [n, C, H, W], n <= max_batch. Raises what the model raised for
-        this request's batch (e.g. ByotError for options the manifest cannot serve)."""
+        """x: a batch [n, C, H, W] as check_batch returns it, n <= max_batch; options:
+        validated. Neither is checked again (AnytimeModel.run_checked). Raises what the model
+        raised for this request's batch (e.g. ByotError for options the manifest cannot
+        serve)."""
         if self._closing or not self.alive:
             raise BatcherClosed("the server is shutting down")
         if not 1 <= len(x) <= self.max_batch:
@@ -214,7 +211,7 @@ class Batcher:
         # they go to the log, once each, and a `-W error` setting cannot fail a batch.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = self.model.run(x, options)
+            result = self.model.run_checked(x, options)
         for w in caught:
             if str(w.message) not in self._logged:
                 self._logged.add(str(w.message))

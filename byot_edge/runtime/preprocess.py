@@ -68,23 +68,38 @@ def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     return ((x - mean) / std).astype(spec.dtype)
 
 
-def load_image(path: str | Path, spec: InputSpec,
-               formats: Sequence[str] | None = None) -> np.ndarray:
-    """One image file as uint8 [C, H, W]: converted to the manifest's channel count
-    (grayscale for 1, RGB for 3) and resized to its height and width. `formats`: the
-    Pillow formats accepted (default: any it reads)."""
-    from PIL import Image, UnidentifiedImageError
+def check_image_channels(spec: InputSpec) -> None:
+    """Images can feed 1- (grayscale) and 3-channel (RGB) models only."""
+    if spec.shape[0] not in (1, 3):
+        raise ByotError(f"the model takes {spec.shape[0]}-channel input; images can only be fed "
+                        "to 1- or 3-channel models, pass arrays to AnytimeModel.predict instead")
+
+
+def image_array(img: Any, spec: InputSpec) -> np.ndarray:
+    """An opened PIL image as uint8 [C, H, W]: converted to the manifest's channel count
+    (grayscale for 1, RGB for 3) and resized to its height and width. Files (load_image)
+    and the server's uploads both decode through here, so they give the same pixels."""
+    from PIL import Image
 
     c, h, w = spec.shape
-    if c not in (1, 3):
-        raise ByotError(f"the model takes {c}-channel input; images can only be fed to 1- or "
-                        "3-channel models, pass arrays to AnytimeModel.predict instead")
+    img = img.convert("L" if c == 1 else "RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if c == 1 else a.transpose(2, 0, 1)
+
+
+def load_image(path: str | Path, spec: InputSpec,
+               formats: Sequence[str] | None = None) -> np.ndarray:
+    """One image file as uint8 [C, H, W] (see image_array). `formats`: the Pillow formats
+    accepted (default: any it reads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    check_image_channels(spec)
+    w, h = spec.shape[2], spec.shape[1]
     try:
         with Image.open(path, formats=formats) as img:
-            img = img.convert("L" if c == 1 else "RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            a = np.asarray(img, dtype=np.uint8)
+            return image_array(img, spec)
     except FileNotFoundError:
         raise ByotError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -92,7 +107,6 @@ def load_image(path: str | Path, spec: InputSpec,
                         "format Pillow reads") from None
     except Image.DecompressionBombError as e:  # not an OSError: its header says > 179M pixels
         raise ByotError(f"{path} is too large to decode ({e}); resize it to {w}x{h}") from None
-    return a[None] if c == 1 else a.transpose(2, 0, 1)
 
 
 def load_images(paths: Sequence[str | Path], spec: InputSpec) -> np.ndarray:

@@ -1,0 +1,49 @@
+"""The server's settings (the `byot-edge serve` options), checked once when made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from byot_edge.errors import ByotError
+from byot_edge.runtime.decode import Limits
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 32  # samples per model run
+    max_wait_ms: float = 2.0  # longest the oldest request waits for ones being received
+    max_queue: int = 64  # requests held at once once their body is in (decoding, queued, running)
+    max_upload_mb: float = 10.0
+    token: str | None = None  # bearer token for /v1/* and /metrics; None: no auth
+    max_image_pixels: int = 4096 * 4096  # decoded size limit: a small PNG can be huge
+    max_request_pixels: int = 2 * 4096 * 4096  # all of one request's images together
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (408 after)
+    default_top_k: int = 5
+    warmup: bool = True
+    shutdown_timeout_s: int = 30  # how long SIGTERM waits for in-flight requests
+
+    def __post_init__(self) -> None:
+        checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,
+                  "max_queue": self.max_queue >= 1, "max_upload_mb": self.max_upload_mb > 0,
+                  "max_image_pixels": self.max_image_pixels >= 1,
+                  "max_request_pixels": self.max_request_pixels >= 1,
+                  "body_timeout_s": self.body_timeout_s > 0,
+                  "default_top_k": self.default_top_k >= 1,
+                  "shutdown_timeout_s": self.shutdown_timeout_s >= 0}
+        bad = [f"{k} (--{k.replace('_', '-')} {getattr(self, k)})"
+               for k, ok in checks.items() if not ok]
+        if bad:
+            raise ByotError(f"invalid server settings: {', '.join(bad)} out of range "
+                            "(max_wait_ms and shutdown_timeout_s >= 0, the others positive)")
+        if self.token is not None and not self.token.strip():
+            raise ByotError("the bearer token is empty; pass a non-empty --token or unset "
+                            "BYOT_EDGE_TOKEN")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def limits(self) -> Limits:
+        """What one request may hold, for decode_body."""
+        return Limits(self.max_batch, self.max_image_pixels, self.max_request_pixels)
