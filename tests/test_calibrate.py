@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from byot_edge.manifest import (
     Manifest,
     load_manifest,
 )
+from byot_edge.plans import Plan
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
@@ -347,3 +349,25 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert cal.metric == "latency"
     out = plot_calibration(cal, tmp_path / "curve.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_malformed_profile_says_to_profile_again(tmp_path: Path) -> None:
+    m = small_manifest(tmp_path)
+    entries = [{"exit": k, "segment": ms(1.0)} for k in range(1, 5)]
+    entries[-1]["plans"] = {"1,4": [ms(1.0), ms(2.0)]}
+    good = profile(1, entries)
+    assert good.plans[Plan((1, 4))][1].p50 == 2.0
+    assert good.to_dict()["exits"] == entries  # the JSON form, as read
+    m.latency_profiles = [good]
+    m.save()
+    assert load_manifest(m.root).latency_profiles == [good]
+    for broken in ({"p50": 1.0}, "fast"):  # a statistic missing; not timings at all
+        bad = [dict(e) for e in entries]
+        bad[1]["segment"] = broken
+        with pytest.raises(ByotError, match="re-run `byot-edge profile`"):
+            profile(1, bad)
+    raw = json.loads((m.root / "manifest.json").read_text())
+    raw["latency_profiles"][0]["exits"].pop(2)  # exit 3 has no entry
+    (m.root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ByotError, match=r"exits \[1, 2, 4\].*byot-edge profile"):
+        load_manifest(m.root)

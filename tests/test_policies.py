@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from byot_edge.errors import ByotError
+from byot_edge.plans import Plan, all_plans
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
@@ -160,3 +161,18 @@ def test_worst_case_keeps_only_the_exits_that_answer_everyone() -> None:
     # Replayed on any logits, every sample leaves at exit 3, the first that answers all.
     logits = np.random.default_rng(0).standard_normal((5, 50, 10)) * 5
     assert (simulate(logits, worst).exits == 3).all()
+
+
+def test_a_plan_is_the_exits_that_are_on_ending_at_the_deepest() -> None:
+    plan = Plan.parse("1,3,4")
+    assert plan.exits == (1, 3, 4) and plan.key == "1,3,4" and list(plan) == [1, 3, 4]
+    assert plan.steps() == [(1, 1), (2, 3), (4, 4)]
+    assert Plan.from_thresholds([0.9, NEVER, 0.0], 4) == plan
+    assert Plan.from_thresholds([NEVER] * 3, 4).full_network
+    assert not plan.full_network
+    assert [p.key for p in all_plans(3)] == ["3", "1,3", "2,3", "1,2,3"]
+    for bad in ("3,1", "1,1,4", "0,4", "", "a,4"):
+        with pytest.raises(ByotError, match="plan"):
+            Plan.parse(bad)
+    with pytest.raises(ByotError, match=r"deepest exit \(5\)"):
+        plan.check(5)
