@@ -116,7 +116,7 @@ def profile(args: argparse.Namespace, manifest_path: Path) -> None:
     m = load_manifest(manifest_path)
     with get_backend(args.backend, m, **options(args)) as backend:
         if any(p.backend == backend.name and p.device == backend.device and p.batch == args.batch
-               and "plans" in p.exits[-1] for p in m.latency_profiles):
+               and p.plans for p in m.latency_profiles):
             return  # (a profile without the runtime's plans predates them: profile again)
         say(f"profiling on {backend.device}, batch {args.batch}")
         store_profiles(m, profile_backend(backend, [args.batch], runs=args.profile_runs))

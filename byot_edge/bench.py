@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -28,9 +28,8 @@ import numpy as np
 from byot_edge.errors import ByotError
 from byot_edge.extras import available
 from byot_edge.fileio import atomic_write, atomic_write_json
-from byot_edge.manifest import load_manifest
-
-Progress = Callable[[str], None]
+from byot_edge.manifest import LatencyProfile, Manifest, load_manifest
+from byot_edge.timing import Progress
 
 
 @dataclass
@@ -185,19 +184,18 @@ def run_bench(
     return report
 
 
-def _latency_rows(profile: Any, manifest: Any) -> list[LatencyRow]:
+def _latency_rows(profile: LatencyProfile, manifest: Manifest) -> list[LatencyRow]:
     rows = []
     for entry in profile.exits:
-        k = entry["exit"]
-        for what, label in (("truncated", "exit"), ("segment", "segment")):
-            s = entry.get(what)
+        k = entry.exit
+        for s, label in ((entry.truncated, "exit"), (entry.segment, "segment")):
             if s is None:
                 continue
-            ips = profile.batch / (s["p50"] / 1e3)
-            flops = manifest.exit(k).flops if what == "truncated" else None
+            ips = profile.batch / (s.p50 / 1e3)
+            flops = manifest.exit(k).flops if label == "exit" else None
             rows.append(LatencyRow(
-                profile.backend, profile.device, profile.batch, f"{label} {k}", k, s["p50"],
-                s["p90"], s["p99"], s["mean"], int(s["runs"]), ips, flops,
+                profile.backend, profile.device, profile.batch, f"{label} {k}", k, s.p50,
+                s.p90, s.p99, s.mean, s.runs, ips, flops,
                 flops * ips / 1e9 if flops else None))
     return rows
 

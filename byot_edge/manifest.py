@@ -8,13 +8,14 @@ checked against its sha256 before a backend loads it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from byot_edge.errors import ByotError
 from byot_edge.fileio import atomic_write_json, sha256_file
+from byot_edge.profiles import LatencyProfile  # typed records; importable from here too
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -84,16 +85,6 @@ class Thresholds:
 
 
 @dataclass
-class LatencyProfile:
-    backend: str
-    device: str
-    batch: int
-    # per exit (index order 1..K): {"exit": k, "truncated": {p50,p90,p99,mean}, "segment": {...}}
-    exits: list[dict[str, Any]]
-    created: str = ""
-
-
-@dataclass
 class Manifest:
     model: dict[str, Any]  # ModelConfig as a dict: arch, num_classes, in_chans, ...
     class_names: list[str]
@@ -150,7 +141,8 @@ class Manifest:
         return path
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(replace(self, latency_profiles=[]))  # profiles: their own JSON form
+        d["latency_profiles"] = [p.to_dict() for p in self.latency_profiles]
         d.pop("root")
         return {"version": d.pop("version"), **d}
 
@@ -169,7 +161,7 @@ class Manifest:
             exits=exits, dataset=d.get("dataset", ""),
             weights=file_entry(weights) if weights else None,
             thresholds=Thresholds(**th) if th else None,
-            latency_profiles=[LatencyProfile(**p) for p in d.get("latency_profiles", [])],
+            latency_profiles=[LatencyProfile.from_dict(p) for p in d.get("latency_profiles", [])],
             version=d["version"], root=root,
         )
 
@@ -230,6 +222,8 @@ def check_consistency(manifest: Manifest, where: str | Path) -> None:
     if classes is not None and len(manifest.class_names) != classes:
         raise ByotError(f"{where} lists {len(manifest.class_names)} class names for a "
                         f"{classes}-class model; {fix}")
+    for profile in manifest.latency_profiles:
+        profile.check(k)
     th = manifest.thresholds
     if th is None:
         return

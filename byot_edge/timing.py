@@ -117,3 +117,7 @@ def time_call(fn: Callable[[], object], *, warmup: int = 10, runs: int = 100,
     """One function alone, with the same rules as `interleave`."""
     return interleave({"fn": fn}, warmup=warmup, runs=runs, max_seconds=max_seconds,
                       clock=clock)["fn"].stats
+
+
+# Where long jobs (profiling, benchmarks) say what they are doing: a line at a time.
+Progress = Callable[[str], None]

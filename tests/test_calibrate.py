@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from byot_edge.manifest import (
     Manifest,
     load_manifest,
 )
+from byot_edge.plans import Plan
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
@@ -198,17 +200,26 @@ def test_a_manifest_without_segment_flops_says_to_re_export(tmp_path: Path) -> N
         manifest_costs(m)
 
 
+def ms(p50: float) -> dict[str, float]:
+    """Timings of one file as a profile stores them: here only the p50 matters."""
+    return {"p50": p50, "p90": 2 * p50, "p99": 3 * p50, "mean": p50, "runs": 5}
+
+
+def profile(batch: int, entries: list[dict]) -> LatencyProfile:
+    return LatencyProfile.from_dict({"backend": "onnxruntime", "device": "cpu (x)",
+                                     "batch": batch, "exits": entries, "created": "t1"})
+
+
 def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     m = small_manifest(tmp_path)
     costs = manifest_costs(m)
     # As export counted them: the cascade to exit k runs every branch before it.
     assert costs.latency_cascade is None
     assert costs.flops_cascade == [1000, 2000, 3000, 4000]
-    entries = [{"exit": k, "truncated": {"p50": 2.0 * k}, "segment": {"p50": 1.0 * k},
-                "spans": {str(i): {"p50": 0.9 * (k - i + 1)} for i in range(1, k)}}
+    entries = [{"exit": k, "truncated": ms(2.0 * k), "segment": ms(1.0 * k),
+                "spans": {str(i): ms(0.9 * (k - i + 1)) for i in range(1, k)}}
                for k in range(1, 5)]
-    m.latency_profiles = [LatencyProfile("onnxruntime", "cpu (x)", 2, entries, "t1"),
-                          LatencyProfile("onnxruntime", "cpu (x)", 8, entries, "t1")]
+    m.latency_profiles = [profile(2, entries), profile(8, entries)]
     costs = manifest_costs(m)
     assert costs.latency_cascade == pytest.approx([0.5, 1.5, 3.0, 5.0])  # per sample, batch 2
     assert costs.latency_alone == pytest.approx([1.0, 2.0, 3.0, 4.0])
@@ -228,8 +239,8 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     # The runtime's time per step (its cascade less the segments, per step) is priced into
     # every step and every single-exit call.
     timed = [dict(e) for e in entries]
-    timed[-1]["cascade"] = {"p50": 10.0 + 4 * 0.5}  # segments take 1+2+3+4 = 10
-    m.latency_profiles = [LatencyProfile("onnxruntime", "cpu (x)", 2, timed, "t1")]
+    timed[-1]["cascade"] = ms(10.0 + 4 * 0.5)  # segments take 1+2+3+4 = 10
+    m.latency_profiles = [profile(2, timed)]
     costs = manifest_costs(m)
     # 0.5 ms per step at batch 2: 0.25 ms per sample on top of each segment's 0.5 k
     assert costs.latency_cascade == pytest.approx([0.75, 2.0, 3.75, 6.0])
@@ -240,8 +251,9 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert any("predates plan timing" in n for n in costs.notes)
     # Plans timed through the runtime are priced as measured, not composed; so is the
     # deepest exit alone (its plan's one step), and exits alone pay its extra over the file.
-    timed[-1]["plans"] = {key: [{"p50": v} for v in at] for key, at in {
+    timed[-1]["plans"] = {key: [ms(v) for v in at] for key, at in {
         "1,2,3,4": [1.5, 3.5, 7.0, 11.0], "1,4": [1.5, 10.0], "4": [8.4]}.items()}
+    m.latency_profiles = [profile(2, timed)]
     costs = manifest_costs(m)
     assert costs.plan_costs((1, 4), "latency") == pytest.approx([0.75, 5.0, 5.0, 5.0])
     assert costs.latency_cascade == pytest.approx([0.75, 1.75, 3.5, 5.5])
@@ -252,7 +264,8 @@ def test_costs_from_flops_and_from_a_latency_profile(tmp_path: Path) -> None:
     assert costs.plan_costs((2, 4), "latency") == pytest.approx([1.15, 1.15, 2.3, 2.3])
     # The deepest exit alone stays as measured when its plan came out faster than its file
     # (noise): the worst-case bound divides by it. Exits alone then pay no extra.
-    timed[-1]["plans"]["4"] = [{"p50": 7.6}]
+    timed[-1]["plans"]["4"] = [ms(7.6)]
+    m.latency_profiles = [profile(2, timed)]
     costs = manifest_costs(m)
     assert costs.latency_alone == pytest.approx([1.0, 2.0, 3.0, 3.8])
 
@@ -336,3 +349,25 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert cal.metric == "latency"
     out = plot_calibration(cal, tmp_path / "curve.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_malformed_profile_says_to_profile_again(tmp_path: Path) -> None:
+    m = small_manifest(tmp_path)
+    entries = [{"exit": k, "segment": ms(1.0)} for k in range(1, 5)]
+    entries[-1]["plans"] = {"1,4": [ms(1.0), ms(2.0)]}
+    good = profile(1, entries)
+    assert good.plans[Plan((1, 4))][1].p50 == 2.0
+    assert good.to_dict()["exits"] == entries  # the JSON form, as read
+    m.latency_profiles = [good]
+    m.save()
+    assert load_manifest(m.root).latency_profiles == [good]
+    for broken in ({"p50": 1.0}, "fast"):  # a statistic missing; not timings at all
+        bad = [dict(e) for e in entries]
+        bad[1]["segment"] = broken
+        with pytest.raises(ByotError, match="re-run `byot-edge profile`"):
+            profile(1, bad)
+    raw = json.loads((m.root / "manifest.json").read_text())
+    raw["latency_profiles"][0]["exits"].pop(2)  # exit 3 has no entry
+    (m.root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ByotError, match=r"exits \[1, 2, 4\].*byot-edge profile"):
+        load_manifest(m.root)

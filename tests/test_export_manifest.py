@@ -50,8 +50,10 @@ def deploy(exported_1_2, tmp_path) -> Path:
 def _add_calibration(out: Path) -> None:
     m = load_manifest(out)
     m.thresholds = Thresholds("max_softmax", [0.9, 0.8, 0.7], source="test")
-    m.latency_profiles.append(LatencyProfile(
-        "onnxruntime", "cpu", 1, [{"exit": k, "truncated": {"p50": 1.0}} for k in (1, 2, 3, 4)]))
+    ms = {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0, "runs": 5}
+    m.latency_profiles.append(LatencyProfile.from_dict({
+        "backend": "onnxruntime", "device": "cpu", "batch": 1,
+        "exits": [{"exit": k, "truncated": ms} for k in (1, 2, 3, 4)]}))
     m.save()
 
 

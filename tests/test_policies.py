@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from byot_edge.errors import ByotError
+from byot_edge.plans import Plan, all_plans
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
     Deadline,
-    FixedExit,
     Step,
     confidence,
     deepest_exit_within,
     exits_for_thresholds,
+    exits_to_compute,
     simulate,
 )
 
@@ -71,25 +72,46 @@ def test_threshold_count_is_checked() -> None:
         ConfidenceThresholds.for_model(0.5, num_exits=4, temperatures=[1.0])
 
 
-def test_fixed_exit() -> None:
+def test_a_zero_threshold_answers_everyone_there() -> None:
     logits = recorded_logits()
-    sim = simulate(logits, FixedExit(2))
+    sim = simulate(logits, ConfidenceThresholds((NEVER, 0.0, NEVER)))
     assert (sim.exits == 2).all()
     assert (sim.predictions == logits[1].argmax(1)).all()
-    assert sim.steps == [(1, logits.shape[1]), (2, logits.shape[1])]
+    assert sim.steps == [(2, logits.shape[1])]  # exit 1 is off: one step, sections 1..2
+
+
+def never_early(step: Step) -> np.ndarray:
+    """A policy that answers no one before the deepest exit, and computes every exit."""
+    return np.zeros(len(step.logits), dtype=bool)
 
 
 def test_deadline_answers_from_the_deepest_exit_reached() -> None:
     logits = recorded_logits(k=4)
-    never = ConfidenceThresholds.for_model(NEVER, 4)
     # 1 ms per segment: after exit 2 (2 ms) the next segment would end at 3 ms > 2.5 ms.
-    sim = simulate(logits, Deadline(2.5, never), segment_ms=[1.0, 1.0, 1.0, 1.0])
+    sim = simulate(logits, Deadline(2.5, never_early), segment_ms=[1.0, 1.0, 1.0, 1.0])
     assert (sim.exits == 2).all()
     assert (sim.predictions == logits[1].argmax(1)).all()
     assert [n for _, n in sim.steps] == [logits.shape[1]] * 2
     # A generous budget leaves the inner policy alone; an unknown next cost never stops it.
-    assert (simulate(logits, Deadline(100.0, never), [1.0] * 4).exits == 4).all()
-    assert (simulate(logits, Deadline(0.1, never)).exits == 4).all()
+    assert (simulate(logits, Deadline(100.0, never_early), [1.0] * 4).exits == 4).all()
+    assert (simulate(logits, Deadline(0.1, never_early)).exits == 4).all()
+
+
+def test_a_deadline_over_thresholds_computes_only_the_exits_that_are_on() -> None:
+    th = ConfidenceThresholds((NEVER, 0.6, NEVER))
+    assert exits_to_compute(Deadline(5.0, th), 4).exits == (2, 4)
+    assert exits_to_compute(th, 4).exits == (2, 4)
+    assert exits_to_compute(never_early, 4).exits == (1, 2, 3, 4)
+    # All shallow exits off: nothing to stop at before the deepest.
+    assert exits_to_compute(Deadline(5.0, ConfidenceThresholds((NEVER,) * 3)), 4).exits == (4,)
+    # The next cost is the plan's next step: segments 3 and 4 (2 ms), not segment 3 alone.
+    logits = recorded_logits(k=4)
+    sim = simulate(logits, Deadline(3.5, ConfidenceThresholds((NEVER, NEVER, NEVER))),
+                   segment_ms=[1.0] * 4)
+    assert sim.steps == [(4, logits.shape[1])]
+    sim = simulate(logits, Deadline(3.5, th), segment_ms=[1.0] * 4)
+    assert {k for k, _ in sim.steps} <= {2, 4}
+    assert set(sim.exits.tolist()) == {2}  # 2 ms spent + 2 ms next > 3.5
 
 
 def test_deadline_keeps_early_exits_of_the_inner_policy() -> None:
@@ -135,7 +157,22 @@ def test_worst_case_keeps_only_the_exits_that_answer_everyone() -> None:
     worst = th.worst_case()
     assert worst.values == (NEVER, NEVER, 0.0, NEVER)
     assert (worst.criterion, worst.temperatures) == (th.criterion, th.temperatures)
-    assert th.active_exits(5) == (1, 3, 4, 5)
+    assert th.active_exits(5).exits == (1, 3, 4, 5)
     # Replayed on any logits, every sample leaves at exit 3, the first that answers all.
     logits = np.random.default_rng(0).standard_normal((5, 50, 10)) * 5
     assert (simulate(logits, worst).exits == 3).all()
+
+
+def test_a_plan_is_the_exits_that_are_on_ending_at_the_deepest() -> None:
+    plan = Plan.parse("1,3,4")
+    assert plan.exits == (1, 3, 4) and plan.key == "1,3,4" and list(plan) == [1, 3, 4]
+    assert plan.steps() == [(1, 1), (2, 3), (4, 4)]
+    assert Plan.from_thresholds([0.9, NEVER, 0.0], 4) == plan
+    assert Plan.from_thresholds([NEVER] * 3, 4).full_network
+    assert not plan.full_network
+    assert [p.key for p in all_plans(3)] == ["3", "1,3", "2,3", "1,2,3"]
+    for bad in ("3,1", "1,1,4", "0,4", "", "a,4"):
+        with pytest.raises(ByotError, match="plan"):
+            Plan.parse(bad)
+    with pytest.raises(ByotError, match=r"deepest exit \(5\)"):
+        plan.check(5)

@@ -23,6 +23,8 @@ from byot_edge.errors import ByotError
 from byot_edge.export.exporter import export_checkpoint
 from byot_edge.manifest import LatencyProfile, Thresholds, load_manifest
 from byot_edge.models import model_from_config
+from byot_edge.plans import Plan
+from byot_edge.profiles import ExitTiming
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.backends import get_backend
 from byot_edge.runtime.policies import (
@@ -32,6 +34,7 @@ from byot_edge.runtime.policies import (
     simulate,
     softmax,
 )
+from byot_edge.timing import Stats
 
 BACKENDS = ["onnxruntime", "torch"]
 runner = CliRunner()
@@ -287,10 +290,10 @@ def test_input_checks_name_what_the_manifest_expects(deployed: Deployed) -> None
 
 def _profile(backend: str, device: str, truncated: list[float], segment: list[float],
              batch: int = 1) -> LatencyProfile:
-    def stats(ms: float) -> dict[str, float]:
-        return {"p50": ms / 2, "p90": ms, "p99": ms * 2, "mean": ms}
+    def stats(ms: float) -> Stats:
+        return Stats(p50=ms / 2, p90=ms, p99=ms * 2, mean=ms, runs=5)
 
-    exits = [{"exit": k, "truncated": stats(t), "segment": stats(s)}
+    exits = [ExitTiming(k, truncated=stats(t), segment=stats(s))
              for k, (t, s) in enumerate(zip(truncated, segment, strict=True), start=1)]
     return LatencyProfile(backend, device, batch, exits, "2026-01-01T00:00:00+00:00")
 
@@ -331,8 +334,10 @@ def test_deadline_stops_before_overrunning_the_budget(fresh: Path, deployed: Dep
     m.save()
     model = load(fresh, "onnxruntime")
     spy = Spy(model)
-    # Every next segment is profiled at 10 s: a 5 s budget stops after segment 1.
-    result = model.run(deployed.x, PredictOptions(threshold=NEVER, budget_ms=5e3))
+    # Exit 1 on (no sample is that sure), the others off: the next step, segments 2..4,
+    # is profiled at 15 s p50, and a 5 s budget stops after segment 1.
+    assert confidence(deployed.logits[0]).max() < 1.0
+    result = model.run(deployed.x, PredictOptions(threshold=[1.0, NEVER, NEVER], budget_ms=5e3))
     assert result.mode == "deadline"
     assert (result.exits == 1).all() and [c[0] for c in spy.calls] == ["segment1"]
     # The confident ones of a generous budget still leave early; the rest go to the end.
@@ -342,10 +347,54 @@ def test_deadline_stops_before_overrunning_the_budget(fresh: Path, deployed: Dep
     assert (free.exits == timed.exits).all()
 
 
+def test_a_deadline_computes_only_the_exits_that_are_on(fresh: Path, deployed: Deployed) -> None:
+    ths = median_thresholds(deployed.logits)
+    ths[0] = ths[2] = NEVER  # exits 1 and 3 off: sections 1..2 as one span, then 3..4
+    m = load_manifest(fresh)
+    model = load(fresh, "onnxruntime")
+    m.latency_profiles = [_profile("onnxruntime", model.backend.device, [1.0] * 4, [1.0] * 4)]
+    m.save()
+    model = load(fresh, "onnxruntime")
+    free = model.run(deployed.x, PredictOptions(threshold=ths))
+    timed = model.run(deployed.x, PredictOptions(threshold=ths, budget_ms=1e9))
+    # The same calls as the cascade without a deadline: no branch of an exit that is off.
+    assert timed.calls == free.calls
+    assert [name for name, _ in timed.calls] == ["span1-2", "span3-4"]
+    assert (timed.exits == free.exits).all()
+
+
+def test_a_deadline_prices_the_next_step_of_the_plan(fresh: Path, deployed: Deployed) -> None:
+    ths = median_thresholds(deployed.logits)
+    ths[0] = ths[2] = NEVER  # plan 2,4: after exit 2 the next step is segments 3 and 4
+    m = load_manifest(fresh)
+    model = load(fresh, "onnxruntime")
+    m.latency_profiles = [_profile("onnxruntime", model.backend.device, [4e3] * 4,
+                                   [1e3] * 4, batch=len(deployed.x))]  # 0.5 s a segment
+    m.save()
+    model = load(fresh, "onnxruntime")
+    # A budget of 0.8 s would fit segment 3 after exit 2 (0.5 s p50, while the first step
+    # takes less than 0.3 s), not segments 3 and 4 (1 s): everyone still running answers at
+    # exit 2.
+    result = model.run(deployed.x, PredictOptions(threshold=ths, budget_ms=800.0))
+    assert set(result.exits.tolist()) == {2}
+    assert [name for name, _ in result.calls] == ["span1-2"]
+    # A profiled span is preferred to the sum of its segments.
+    m = load_manifest(fresh)
+    d = m.latency_profiles[0].to_dict()
+    d["exits"][3]["spans"] = {"3": {"p50": 10.0, "p90": 20.0, "p99": 40.0, "mean": 20.0,
+                                    "runs": 5}}
+    m.latency_profiles = [LatencyProfile.from_dict(d)]
+    m.save()
+    model = load(fresh, "onnxruntime")
+    result = model.run(deployed.x, PredictOptions(threshold=ths, budget_ms=800.0))
+    assert [name for name, _ in result.calls][-1] == "span3-4"
+
+
 def test_deadline_without_a_profile_estimates_and_says_so(deployed: Deployed) -> None:
     model = load(deployed.root, "onnxruntime")
+    assert confidence(deployed.logits[:-1]).max() < 1.0  # every exit on, none answers
     with pytest.warns(RuntimeWarning, match="no segment latency profile"):
-        result = model.run(deployed.x, PredictOptions(threshold=NEVER, budget_ms=1e9))
+        result = model.run(deployed.x, PredictOptions(threshold=1.0, budget_ms=1e9))
     assert (result.exits == 4).all()
 
 
@@ -479,20 +528,29 @@ def test_profile_command_stores_every_exit_segment_and_span(deployed: Deployed,
     assert result.exit_code == 0, result.output
     profiles = load_manifest(fresh).latency_profiles
     assert [p.batch for p in profiles] == [1, 2]
-    for p in profiles:
-        assert p.backend == "onnxruntime" and p.device.startswith("cpu")
-        assert [e["exit"] for e in p.exits] == [1, 2, 3, 4]
-        for e in p.exits:
+    # The JSON layout in the manifest (read here as written), which the typed records
+    # read and write back exactly.
+    stored = json.loads(fresh.read_text())["latency_profiles"]
+    assert [p.to_dict() for p in profiles] == stored
+    assert [json.dumps(p.to_dict()) for p in profiles] == [json.dumps(d) for d in stored]
+    assert profiles[0].plans[Plan((2, 4))][1].runs == 3
+    for p in stored:
+        assert p["backend"] == "onnxruntime" and p["device"].startswith("cpu")
+        assert [e["exit"] for e in p["exits"]] == [1, 2, 3, 4]
+        for e in p["exits"]:
+            assert list(e)[:3] == ["exit", "truncated", "segment"]
             stats = [e["truncated"], e["segment"], *e.get("spans", {}).values()]
             assert sorted(e.get("spans", {})) == [str(i) for i in range(1, e["exit"])]
             for s in stats:
                 assert s["runs"] == 3 and 0 < s["p50"] <= s["p90"] <= s["p99"]
         # The runtime's own cascade through every segment, recorded on the deepest exit...
-        assert [("cascade" in e) for e in p.exits] == [False, False, False, True]
-        runtime = p.exits[-1]["cascade"]
+        assert [("cascade" in e) for e in p["exits"]] == [False, False, False, True]
+        runtime = p["exits"][-1]["cascade"]
+        assert list(p["exits"][-1])[-2:] == ["plans", "cascade"]
+        assert list(runtime) == ["p50", "p90", "p99", "mean", "runs"]
         assert runtime["runs"] == 3 and runtime["p50"] > 0
         # ...and every plan a calibration can choose, timed at the end of each of its steps.
-        plans = p.exits[-1]["plans"]
+        plans = p["exits"][-1]["plans"]
         assert sorted(plans) == sorted(["4", "1,4", "2,4", "3,4", "1,2,4", "1,3,4", "2,3,4",
                                         "1,2,3,4"])
         for key, steps in plans.items():

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from byot_edge.cli.app import app, at_least, console, err_console, output_file
 from byot_edge.errors import ByotError
+
+if TYPE_CHECKING:
+    from byot_edge.calibrate import Calibration
 
 PREDICT_EXAMPLE = """
 Examples:
@@ -137,6 +140,41 @@ def predict_command(
     console.print(table)
 
 
+def _calibration_table(cal: Calibration, rows: int) -> Table:
+    """The frontier (at most `rows` of it, the choice always), then each exit alone."""
+    lat = cal.chosen.latency_ms is not None
+    table = Table("candidate", "thresholds", "acc %", "Δ pts", "MFLOPs",
+                  *(["ms"] if lat else []), "worst", "% at exits", box=box.SIMPLE_HEAD,
+                  pad_edge=False,
+                  title=f"{cal.objective}: {len(cal.candidates)} candidates on "
+                        f"{cal.num_samples} samples (frontier, then each exit alone)",
+                  caption=f"criterion {cal.criterion}"
+                          + (f", temperatures {[round(t, 3) for t in cal.temperatures]}"
+                             if cal.temperatures else "")
+                          + (f"; latency: {cal.costs.latency_source}" if lat else ""))
+    for col in table.columns[2:]:
+        col.no_wrap = True
+        col.justify = "right"
+    deepest_worst = cal.exits_alone[-1].worst(cal.metric) or 1.0  # "worst": a multiple of it
+    frontier = cal.frontier()
+    step = max(1, -(-len(frontier) // max(rows, 1)))
+    shown = [c for i, c in enumerate(frontier) if i % step == 0]
+    if cal.chosen not in shown:
+        shown.append(cal.chosen)
+    shown.sort(key=lambda c: c.cost(cal.metric))
+    for c in [*shown, *cal.exits_alone]:
+        chosen = c is cal.chosen
+        table.add_row(("→ " if chosen else "") + c.method,
+                      " ".join("off" if t > 1 else f"{t:.3f}" for t in c.thresholds) or "-",
+                      f"{100 * c.accuracy:.2f}",
+                      f"{100 * (c.accuracy - cal.deepest_accuracy):+.2f}", f"{c.flops / 1e6:.2f}",
+                      *([f"{c.latency_ms:.3f}" if c.latency_ms is not None else "-"] if lat else []),
+                      f"{c.worst(cal.metric) / deepest_worst:.2f}x",
+                      " ".join(f"{100 * f:.0f}" for f in c.fractions),
+                      style="bold green" if chosen else None)
+    return table
+
+
 @app.command("calibrate", epilog=CALIBRATE_EXAMPLE)
 def calibrate_command(
     manifest: Annotated[Path, typer.Argument(help="manifest.json to write the thresholds into.")],
@@ -180,37 +218,7 @@ def calibrate_command(
             flops_budget=_flops(flops_budget), latency_budget_ms=latency_budget_ms,
             max_worst_case=max_worst_case, backend=backend, batch=batch, plot=plot,
             write=not dry_run)
-    lat = cal.chosen.latency_ms is not None
-    table = Table("candidate", "thresholds", "acc %", "Δ pts", "MFLOPs",
-                  *(["ms"] if lat else []), "worst", "% at exits", box=box.SIMPLE_HEAD,
-                  pad_edge=False,
-                  title=f"{cal.objective}: {len(cal.candidates)} candidates on "
-                        f"{cal.num_samples} samples (frontier, then each exit alone)",
-                  caption=f"criterion {cal.criterion}"
-                          + (f", temperatures {[round(t, 3) for t in cal.temperatures]}"
-                             if cal.temperatures else "")
-                          + (f"; latency: {cal.costs.latency_source}" if lat else ""))
-    for col in table.columns[2:]:
-        col.no_wrap = True
-        col.justify = "right"
-    deepest_worst = cal.exits_alone[-1].worst(cal.metric) or 1.0  # "worst": a multiple of it
-    frontier = cal.frontier()
-    step = max(1, -(-len(frontier) // max(rows, 1)))
-    shown = [c for i, c in enumerate(frontier) if i % step == 0]
-    if cal.chosen not in shown:
-        shown.append(cal.chosen)
-    shown.sort(key=lambda c: c.cost(cal.metric))
-    for c in [*shown, *cal.exits_alone]:
-        chosen = c is cal.chosen
-        table.add_row(("→ " if chosen else "") + c.method,
-                      " ".join("off" if t > 1 else f"{t:.3f}" for t in c.thresholds) or "-",
-                      f"{100 * c.accuracy:.2f}",
-                      f"{100 * (c.accuracy - cal.deepest_accuracy):+.2f}", f"{c.flops / 1e6:.2f}",
-                      *([f"{c.latency_ms:.3f}" if c.latency_ms is not None else "-"] if lat else []),
-                      f"{c.worst(cal.metric) / deepest_worst:.2f}x",
-                      " ".join(f"{100 * f:.0f}" for f in c.fractions),
-                      style="bold green" if chosen else None)
-    console.print(table)
+    console.print(_calibration_table(cal, rows))
     if dry_run:
         console.print("dry run: the manifest was not changed")
     else:
@@ -262,16 +270,14 @@ def profile_command(
                       "spans p50", title=f"{p.backend} on {p.device}, batch {p.batch} "
                       "(ms per batch)")
         for e in p.exits:
-            cells = [f"{e[w][s]:.3f}" if w in e else "-"
-                     for w in ("truncated", "segment") for s in ("p50", "p90", "p99")]
-            spans = " ".join(f"{i}-{e['exit']}: {v['p50']:.3f}"
-                             for i, v in e.get("spans", {}).items())
-            table.add_row(str(e["exit"]), *cells, spans or "-")
-        runtime = p.exits[-1].get("cascade")
-        if runtime:
+            cells = [f"{st.get(s):.3f}" if st is not None else "-"
+                     for st in (e.truncated, e.segment) for s in ("p50", "p90", "p99")]
+            spans = " ".join(f"{i}-{e.exit}: {v.p50:.3f}" for i, v in e.spans.items())
+            table.add_row(str(e.exit), *cells, spans or "-")
+        if p.cascade is not None:
             table.caption = (f"the runtime's cascade through every segment, no early answer: "
-                             f"{runtime['p50']:.3f} ms p50, {runtime['p90']:.3f} p90; "
-                             f"{len(p.exits[-1].get('plans', {}))} cascade plans timed")
+                             f"{p.cascade.p50:.3f} ms p50, {p.cascade.p90:.3f} p90; "
+                             f"{len(p.plans)} cascade plans timed")
         console.print(table)
     console.print(f"stored {len(profiles)} profile(s) in {path}")
     spread = max(noise(p) for p in profiles)

@@ -28,6 +28,7 @@ import numpy as np
 
 from byot_edge.errors import ByotError
 from byot_edge.manifest import Manifest, Thresholds, load_manifest
+from byot_edge.plans import Plan
 from byot_edge.runtime.backends import (
     EXIT,
     SEGMENT,
@@ -37,6 +38,7 @@ from byot_edge.runtime.backends import (
     get_backend,
     span_name,
 )
+from byot_edge.runtime.latency import Latencies, check_stat, resolve, select_profile
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
@@ -49,12 +51,6 @@ from byot_edge.runtime.policies import (
     softmax,
 )
 from byot_edge.runtime.preprocess import check_batch
-from byot_edge.runtime.profile import (
-    check_stat,
-    exit_latencies,
-    segment_latencies,
-    select_profile,
-)
 
 
 @dataclass(frozen=True)
@@ -128,7 +124,9 @@ class AnytimeModel:
         self.manifest = manifest
         self.backend = backend
         self._warned: set[str] = set()
-        self._plans: dict[tuple[int, ...], list[tuple[int, list[str], list[ArtifactIO]]]] = {}
+        self._plans: dict[Plan, list[tuple[int, list[str], list[ArtifactIO]]]] = {}
+        # (batch size, statistic) -> the profile's figures for this backend and device
+        self._latencies: dict[tuple[int, str], Latencies | None] = {}
         self._calibrated: tuple[Thresholds, ConfidenceThresholds] | None = None
 
     @classmethod
@@ -173,10 +171,10 @@ class AnytimeModel:
                 result = self._fixed(x, self.num_exits, "exit")
             elif options.budget_ms is not None:
                 result = self._cascade(x, Deadline(options.budget_ms, policy), options, notes)
-            elif all(v > 1 for v in policy.values) and self.backend.has(
+            elif policy.active_exits(self.num_exits).full_network and self.backend.has(
                     artifact_name(EXIT, self.num_exits)):
                 # Every shallow exit is off: the full network alone does the same, without
-                # the shallow branches (calibration costs this case the same way).
+                # the cascade's steps (calibration costs this case the same way).
                 result = self._fixed(x, self.num_exits, "exit")
             else:
                 result = self._cascade(x, policy, options, notes)
@@ -188,12 +186,13 @@ class AnytimeModel:
         return result
 
     def run_policy(self, batch: Any, policy: Policy,
-                   plan: Sequence[int] | None = None) -> CascadeResult:
+                   plan: Plan | Sequence[int] | None = None) -> CascadeResult:
         """The cascade under any policy. `plan` lists the exits whose logits are computed
         (default: those the policy can answer from); with thresholds that are all off and
         a calibrated plan, it measures the worst case: every sample through every step."""
         x = check_batch(batch, self.manifest.input)
-        return self._cascade(x, policy, PredictOptions(), [], plan)
+        return self._cascade(x, policy, PredictOptions(), [],
+                             None if plan is None else Plan.of(plan))
 
     def threshold_policy(self, threshold: float | Sequence[float] | None = None,
                          criterion: str | None = None) -> ConfidenceThresholds | None:
@@ -219,7 +218,7 @@ class AnytimeModel:
         x = np.zeros((batch_size, *self.manifest.input.shape), self.manifest.input.dtype)
         if self.has_segments():
             never = ConfidenceThresholds.for_model(NEVER, self.num_exits)
-            plans = {tuple(range(1, self.num_exits + 1))}
+            plans = {Plan.every_exit(self.num_exits)}
             calibrated = self.threshold_policy()
             if calibrated is not None:
                 plans.add(calibrated.active_exits(self.num_exits))
@@ -281,18 +280,28 @@ class AnytimeModel:
         self._answer(result, np.arange(len(x)), k, h, (time.perf_counter() - t0) * 1e3)
         return result
 
+    def _profiled(self, n: int, stat: str, notes: list[str]) -> Latencies | None:
+        """The profile's figures for this backend and device at batch n, resolved once per
+        (n, stat); its warning (another backend or device) goes into `notes`."""
+        key = (n, stat)
+        if key not in self._latencies:
+            choice = select_profile(self.manifest, self.backend.name, self.backend.device, n)
+            self._latencies[key] = None if choice is None else resolve(choice, stat)
+        lat = self._latencies[key]
+        if lat is not None and lat.warning and lat.warning not in notes:
+            notes.append(lat.warning)
+        return lat
+
     def _exit_for_budget(self, n: int, options: PredictOptions, notes: list[str]) -> int:
         """The deepest exit whose profiled latency (options.stat) fits the budget."""
         assert options.budget_ms is not None
-        choice = select_profile(self.manifest, self.backend.name, self.backend.device, n)
-        if choice is None:
+        lat = self._profiled(n, options.stat, notes)
+        if lat is None:
             raise ByotError(f"budget_ms needs a latency profile and the manifest has none; run "
                             f"`byot-edge profile {self.manifest.root / 'manifest.json'} --backend "
                             f"{self.backend.name}` first, or pass a threshold for a deadline "
                             "cascade")
-        if choice.warning:
-            notes.append(choice.warning)
-        latency = exit_latencies(choice, options.stat)
+        latency = lat.exits
         k = deepest_exit_within(latency, options.budget_ms)
         if k is None:
             notes.append(f"no exit fits a budget of {options.budget_ms:g} ms (exit 1 takes "
@@ -300,55 +309,52 @@ class AnytimeModel:
             k = 1
         return k
 
-    def _next_cost_ms(self, k: int, n: int, last_ms: float, options: PredictOptions,
-                      notes: list[str]) -> float:
-        """Predicted time of segment k+1 on (at most) the n samples that ran segment k: from
-        the profile, else the time segment k took (a backbone's sections are FLOP-balanced)."""
-        choice = select_profile(self.manifest, self.backend.name, self.backend.device, n)
-        segs = segment_latencies(choice, options.stat) if choice else None
-        if choice is not None and segs is not None:
-            if choice.warning and choice.warning not in notes:
-                notes.append(choice.warning)
-            return segs[k]
+    def _next_cost_ms(self, plan: Plan, j: int, n: int, last_ms: float,
+                      options: PredictOptions, notes: list[str]) -> float:
+        """Predicted time of step j+1 of `plan` (the sections up to the next exit that is on)
+        on (at most) the n samples that ran step j: from the profile, else the time step j
+        took per section, times its sections (a backbone's sections are FLOP-balanced)."""
+        lat = self._profiled(n, options.stat, notes)
+        nxt = lat.step_ms(plan, j + 1) if lat is not None else None
+        if nxt is not None:
+            return nxt
         note = ("no segment latency profile for this backend: the deadline estimates each "
-                "segment from the previous one; run `byot-edge profile` for a better estimate")
+                "step from the previous one; run `byot-edge profile` for a better estimate")
         if note not in notes:
             notes.append(note)
-        return last_ms
+        (first, last), (nxt_first, nxt_last) = plan.steps()[j:j + 2]
+        return last_ms / (last - first + 1) * (nxt_last - nxt_first + 1)
 
-    def _steps(self, plan: Sequence[int]) -> list[tuple[int, list[str], list[ArtifactIO]]]:
-        """(exit, artifacts, their names) per step of a cascade answering only at `plan`'s
-        exits: one span per step where the backend joins segments, else the segments (whose
-        extra logits are then computed and ignored)."""
-        key = tuple(plan)
-        if key not in self._plans:
-            if list(key) != sorted(set(key)) or key[-1] != self.num_exits or key[0] < 1:
-                raise ByotError(f"a cascade plan lists exits in increasing order and ends at "
-                                f"the deepest ({self.num_exits}), got {list(key)}")
+    def _steps(self, plan: Plan) -> list[tuple[int, list[str], list[ArtifactIO]]]:
+        """Per step of a cascade answering only at `plan`'s exits: (its exit, the names of
+        the files it runs, their inputs and outputs). One span per step where the backend
+        joins segments, else the segments (whose extra logits are computed and ignored)."""
+        if plan not in self._plans:
+            plan.check(self.num_exits)
             if not self.has_segments():
                 missing = next(k for k in range(1, self.num_exits + 1)
                                if not self.backend.has(artifact_name(SEGMENT, k)))
                 self.backend.load(artifact_name(SEGMENT, missing))  # raises: re-export hint
-            steps, prev = [], 0
-            for k in key:
-                span = span_name(prev + 1, k)
+            steps = []
+            for first, k in plan.steps():
+                span = span_name(first, k)
                 names = ([span] if self.backend.has(span)
-                         else [artifact_name(SEGMENT, j) for j in range(prev + 1, k + 1)])
+                         else [artifact_name(SEGMENT, j) for j in range(first, k + 1)])
                 steps.append((k, names, [self.backend.load(n) for n in names]))
-                prev = k
-            self._plans[key] = steps
-        return self._plans[key]
+            self._plans[plan] = steps
+        return self._plans[plan]
 
     def _cascade(self, x: np.ndarray, policy: Policy, options: PredictOptions,
-                 notes: list[str], plan: Sequence[int] | None = None) -> CascadeResult:
+                 notes: list[str], plan: Plan | None = None) -> CascadeResult:
         deadline = isinstance(policy, Deadline)
         num_exits = self.num_exits
-        steps = self._steps(plan or exits_to_compute(policy, num_exits))  # loads, untimed
+        plan = plan or exits_to_compute(policy, num_exits)
+        steps = self._steps(plan)  # loads, untimed
         result = self._empty(len(x), "deadline" if deadline else "cascade")
         active = np.arange(len(x))
         h = x
         t0 = time.perf_counter()
-        for k, names, ios in steps:
+        for j, (k, names, ios) in enumerate(steps):
             t_seg = time.perf_counter()
             for name, io in zip(names, ios, strict=True):
                 out = self.backend.run(name, {io.input: h})
@@ -364,7 +370,8 @@ class AnytimeModel:
                 break
             nxt = None
             if deadline:
-                nxt = self._next_cost_ms(k, len(active), (now - t_seg) * 1e3, options, notes)
+                nxt = self._next_cost_ms(plan, j, len(active), (now - t_seg) * 1e3, options,
+                                         notes)
             answer = np.asarray(policy(Step(k, num_exits, logits, elapsed, nxt)), bool)
             answered = int(np.count_nonzero(answer))
             if answered == len(answer):

@@ -24,6 +24,7 @@ import numpy as np
 
 from byot_edge.errors import ByotError
 from byot_edge.manifest import THRESHOLD_OFF
+from byot_edge.plans import Plan
 
 CRITERIA = ("max_softmax", "entropy", "margin")
 # Scores are <= 1, so this threshold never lets a sample out (JSON has no infinity).
@@ -73,7 +74,9 @@ class Step:
     num_exits: int
     logits: np.ndarray  # [n, C] of the samples still running
     elapsed_ms: float = 0.0  # since the request started
-    next_cost_ms: float | None = None  # predicted time of the next segment; None: unknown
+    # predicted time of the cascade's next step (the sections up to the next exit that is
+    # on); None: unknown
+    next_cost_ms: float | None = None
 
 
 class Policy(Protocol):
@@ -84,16 +87,6 @@ class Policy(Protocol):
 
 def _all(step: Step, value: bool) -> np.ndarray:
     return np.full(len(step.logits), value, dtype=bool)
-
-
-@dataclass(frozen=True)
-class FixedExit:
-    """Every sample answers from exit `exit`."""
-
-    exit: int
-
-    def __call__(self, step: Step) -> np.ndarray:
-        return _all(step, step.exit >= min(self.exit, step.num_exits))
 
 
 @dataclass(frozen=True)
@@ -146,14 +139,14 @@ class ConfidenceThresholds:
         values = tuple(NEVER if v > 0 else v for v in self.values)
         return ConfidenceThresholds(values, self.criterion, self.temperatures)
 
-    def active_exits(self, num_exits: int) -> tuple[int, ...]:
+    def active_exits(self, num_exits: int) -> Plan:
         """The exits that can answer: those switched on, and the deepest."""
-        return (*(k for k, v in enumerate(self.values, start=1) if v <= 1), num_exits)
+        return Plan.from_thresholds(self.values, num_exits)
 
 
 @dataclass(frozen=True)
 class Deadline:
-    """Wraps a policy: also answers everyone when the next segment would overrun the budget.
+    """Wraps a policy: also answers everyone when the next step would overrun the budget.
 
     The samples still running then answer from the exit just computed, the deepest (and so,
     for a self-distilled network, the best) exit they have reached.
@@ -169,12 +162,14 @@ class Deadline:
         return self.inner(step)
 
 
-def exits_to_compute(policy: Policy, num_exits: int) -> tuple[int, ...]:
-    """The exits whose logits a cascade under `policy` needs: for thresholds, the exits
-    switched on (the branches of the others are skipped); for any other policy, all."""
-    if isinstance(policy, ConfidenceThresholds):
-        return policy.active_exits(num_exits)
-    return tuple(range(1, num_exits + 1))
+def exits_to_compute(policy: Policy, num_exits: int) -> Plan:
+    """The exits whose logits a cascade under `policy` needs: for thresholds, also under a
+    deadline, the exits switched on (the branches of the others are skipped, as calibration
+    prices them); for any other policy, all."""
+    inner = policy.inner if isinstance(policy, Deadline) else policy
+    if isinstance(inner, ConfidenceThresholds):
+        return inner.active_exits(num_exits)
+    return Plan.every_exit(num_exits)
 
 
 def deepest_exit_within(latency_ms: Sequence[float], budget_ms: float) -> int | None:
@@ -187,15 +182,19 @@ def deepest_exit_within(latency_ms: Sequence[float], budget_ms: float) -> int | 
 class Simulation:
     exits: np.ndarray  # [N] int64, 1..K
     predictions: np.ndarray  # [N] int64 class indices
-    steps: list[tuple[int, int]]  # (exit, samples that ran it): what a backend would run
+    # (exit, samples that ran the step to it): what a backend would run, one step per exit
+    # of the plan (the exits that are on)
+    steps: list[tuple[int, int]]
 
 
 def simulate(logits: np.ndarray, policy: Policy,
              segment_ms: Sequence[float] | None = None) -> Simulation:
-    """Replay a cascade on recorded logits [K, N, C] the way the anytime model runs it.
+    """Replay a cascade on recorded logits [K, N, C] the way the anytime model runs it,
+    through the exits `exits_to_compute` names.
 
-    `segment_ms` gives each segment a fixed duration, so deadline policies can be replayed
-    deterministically; without it time stands still (and the next cost is unknown).
+    `segment_ms` gives each segment a fixed duration (a step takes its segments' sum), so
+    deadline policies can be replayed deterministically; without it time stands still (and
+    the next cost is unknown).
     """
     logits = np.asarray(logits)
     if logits.ndim != 3:
@@ -206,11 +205,14 @@ def simulate(logits: np.ndarray, policy: Policy,
     active = np.arange(n)
     steps: list[tuple[int, int]] = []
     elapsed = 0.0
-    for k in range(1, num_exits + 1):
+    plan = exits_to_compute(policy, num_exits).steps()
+    for j, (first, k) in enumerate(plan):
         steps.append((k, len(active)))
+        nxt = None
         if segment_ms is not None:
-            elapsed += segment_ms[k - 1]
-        nxt = segment_ms[k] if segment_ms is not None and k < num_exits else None
+            elapsed += sum(segment_ms[first - 1:k])
+            if k < num_exits:
+                nxt = float(sum(segment_ms[k:plan[j + 1][1]]))
         z = logits[k - 1, active]
         answer = np.asarray(policy(Step(k, num_exits, z, elapsed, nxt)), dtype=bool)
         if k == num_exits:

@@ -1,0 +1,106 @@
+"""Candidates: thresholds scored by an offline replay of the cascade on validation logits.
+
+Every candidate set of thresholds is scored (`exits_for_thresholds`, the runtime's own rule)
+for its accuracy and its expected cost per sample: FLOPs of the steps each sample runs, or
+their measured latency when the manifest holds a profile (`calibrate.costs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from byot_edge.calibrate.costs import Costs
+from byot_edge.plans import Plan
+from byot_edge.runtime.policies import exits_for_thresholds
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    thresholds: tuple[float, ...]  # K-1 values; NEVER switches an exit off
+    accuracy: float
+    flops: float  # expected per sample
+    latency_ms: float | None
+    fractions: tuple[float, ...]  # share of samples answered at each exit 1..K
+    # What the slowest sample costs: one that no exit lets go before the first exit that
+    # answers everyone (threshold 0), else the deepest (the cascade's worst case)
+    worst_flops: float = 0.0
+    worst_latency_ms: float | None = None
+
+    def cost(self, metric: str) -> float:
+        return self.flops if metric == "flops" else float(self.latency_ms or 0.0)
+
+    def worst(self, metric: str) -> float:
+        return self.worst_flops if metric == "flops" else float(self.worst_latency_ms or 0.0)
+
+
+@dataclass
+class Calibration:
+    criterion: str
+    temperatures: list[float] | None
+    metric: str  # "flops" or "latency": what expected cost means below
+    objective: str  # human description
+    chosen: Candidate
+    candidates: list[Candidate]  # every distinct candidate evaluated
+    exits_alone: list[Candidate]  # exit k for everyone, its truncated file's cost
+    deepest_accuracy: float
+    num_samples: int
+    costs: Costs
+    notes: list[str] = field(default_factory=list)
+
+    def frontier(self, metric: str | None = None) -> list[Candidate]:
+        """Candidates no other beats on both accuracy and expected cost (`metric`, default
+        the one optimised), cheapest first."""
+        metric = metric or self.metric
+        best, out = -1.0, []
+        for c in sorted(self.candidates, key=lambda c: (c.cost(metric), -c.accuracy)):
+            if c.accuracy > best:
+                out.append(c)
+                best = c.accuracy
+        return out
+
+
+class Evaluator:
+    """Scores thresholds by replaying the cascade on the recorded scores."""
+
+    def __init__(self, scores: np.ndarray, correct: np.ndarray, costs: Costs) -> None:
+        self.scores = scores  # [K-1, N]
+        self.correct = correct  # [K, N] bool
+        self.costs = costs
+        self.num_exits, self.n = correct.shape
+        self.seen: dict[tuple[float, ...], Candidate] = {}
+        self._plans: dict[tuple[Plan, str], list[float]] = {}
+
+    def _plan_costs(self, plan: Plan, metric: str) -> list[float]:
+        if (plan, metric) not in self._plans:
+            self._plans[plan, metric] = self.costs.plan_costs(plan, metric)
+        return self._plans[plan, metric]
+
+    def __call__(self, thresholds: Sequence[float], method: str) -> Candidate:
+        key = tuple(float(t) for t in thresholds)
+        if key in self.seen:
+            return self.seen[key]
+        e = exits_for_thresholds(self.scores, key)
+        counts = np.bincount(e, minlength=self.num_exits)
+        acc = float(self.correct[e, np.arange(self.n)].mean())
+        plan = Plan.from_thresholds(key, self.num_exits)
+        # Scores are >= 0: past an exit with threshold 0 no sample goes on.
+        last = next((k for k, t in enumerate(key, start=1) if t <= 0), self.num_exits)
+        flops_at = self._plan_costs(plan, "flops")
+        flops, worst_flops = float(counts @ np.asarray(flops_at)) / self.n, flops_at[last - 1]
+        latency = worst_latency = None
+        if self.costs.latency_cascade is not None:
+            latency_at = self._plan_costs(plan, "latency")
+            latency = float(counts @ np.asarray(latency_at)) / self.n
+            worst_latency = latency_at[last - 1]
+        if plan.full_network:  # all off: the runtime runs the full network alone
+            flops = worst_flops = self.costs.flops_alone[-1]
+            latency = worst_latency = (self.costs.latency_alone[-1] if self.costs.latency_alone
+                                       else None)
+        c = Candidate(method, key, acc, flops, latency, tuple(float(v) for v in counts / self.n),
+                      worst_flops, worst_latency)
+        self.seen[key] = c
+        return c
