@@ -41,13 +41,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# numpy < 2 for the Python-backend stub (see stub_site), installed with
+# `pip install --target $VENV/triton-stub-site 'numpy<2'` (scripts/test.sh does).
+STUB_SITE_ENV = "BYOT_EDGE_TRITON_STUB_SITE"
+
+
+def stub_site() -> Path | None:
+    """A folder holding numpy < 2 for the models, where the stub needs one.
+
+    The Python backend in nvidia-pytriton 0.7 (Triton 2.51) reads numpy 2 arrays as empty
+    tensors ("input byte size mismatch ... got 0"), so where this environment has numpy 2
+    the stub gets numpy 1 from this folder, ahead of the environment's site-packages.
+    """
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        return None
+    folder = Path(os.environ.get(STUB_SITE_ENV, Path(sys.prefix) / "triton-stub-site"))
+    if not (folder / "numpy").is_dir():
+        raise ByotError(f"this environment has numpy {numpy.__version__}, which the Python "
+                        f"backend of nvidia-pytriton's tritonserver cannot read; install numpy 1 "
+                        f"beside it: pip install --target {folder} 'numpy<2' (or set "
+                        f"{STUB_SITE_ENV} to such a folder)")
+    return folder
+
+
 def python_path() -> str:
-    """Where this interpreter finds byot-edge, numpy and onnxruntime, for the models."""
+    """Where the models find byot-edge, numpy and onnxruntime: this interpreter's."""
     import byot_edge
 
+    first = stub_site()
     here = [str(Path(byot_edge.__file__).resolve().parents[1]), *site.getsitepackages()]
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(here + extra))
+    return os.pathsep.join(dict.fromkeys(([str(first)] if first else []) + here + extra))
 
 
 @dataclass
@@ -117,7 +143,8 @@ def start_local_triton(repository: Path, workdir: Path, timeout_s: float = 60,
     cmd = [str(server / "bin" / "tritonserver"), "--model-repository", str(repository.resolve()),
            "--backend-directory", str(backends), "--http-address", HOST,
            "--http-port", str(ports[0]), "--grpc-address", HOST, "--grpc-port", str(ports[1]),
-           "--metrics-address", HOST, "--metrics-port", str(ports[2]), *extra_args]
+           "--metrics-address", HOST, "--metrics-port", str(ports[2]),
+           "--exit-timeout-secs", "5", *extra_args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=workdir)
