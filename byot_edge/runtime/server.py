@@ -738,6 +738,11 @@ def create_app(model: AnytimeModel, config: ServeConfig | None = None) -> FastAP
         sizes, queue depth."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    from byot_edge.runtime.oip import oip_router  # /v2: the Open Inference Protocol
+
+    app.include_router(oip_router(
+        model, lambda x, o: _submit(state.batcher, x, o),  # type: ignore[arg-type]
+        lambda: state.ready and bool(state.batcher and state.batcher.alive), dependencies=protect))
     return app
 
 

@@ -71,9 +71,10 @@ def _integer(name: str, value: Any) -> int:
     return int(number)
 
 
-def _threshold(value: Any) -> float | list[float]:
+def _threshold(value: Any) -> float | tuple[float, ...]:
+    # a tuple: options are hashed where requests with equal ones share a batch
     if isinstance(value, str) and "," in value:
-        return [_number("threshold", v.strip()) for v in value.split(",")]
+        return tuple(_number("threshold", v.strip()) for v in value.split(","))
     return _number("threshold", value)
 
 
@@ -93,15 +94,16 @@ def parse_parameters(parameters: Mapping[str, Any], num_exits: int,
                         f"classes), got {top_k}")
     options = PredictOptions(threshold=threshold, budget_ms=budget, exit=exit_)
     options.validate(num_exits)
-    if isinstance(threshold, list) and len(threshold) != num_exits - 1:
+    if isinstance(threshold, tuple) and len(threshold) != num_exits - 1:
         raise ByotError(f"threshold lists {len(threshold)} numbers; give one, or "
                         f"{num_exits - 1} (one per exit 1..{num_exits - 1})")
     return Request(options, top_k)
 
 
-def answer_tensors(result: CascadeResult, top_k: int, rows: slice | None = None
-                   ) -> dict[str, np.ndarray]:
-    """Output tensors for `rows` of a cascade's result (default: all)."""
+def answer_tensors(result: CascadeResult, top_k: int, rows: slice | None = None,
+                   probabilities: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Output tensors for `rows` of a cascade's result (default: all); `probabilities`
+    ([N, C] of the answering exits) stand in for the result's own where given."""
     rows = rows or slice(None)
     out = {
         CLASS_INDEX: result.indices[rows].astype(np.int64)[:, None],
@@ -109,8 +111,11 @@ def answer_tensors(result: CascadeResult, top_k: int, rows: slice | None = None
         EXIT: result.exits[rows].astype(np.int64)[:, None],
     }
     if top_k:
-        assert result.probabilities is not None
-        p = result.probabilities[rows]
+        probabilities = result.probabilities if probabilities is None else probabilities
+        if probabilities is None:
+            raise ByotError("this model cannot rank its classes (no probabilities); ask "
+                            "without top_k")
+        p = probabilities[rows]
         # stable sort: equal probabilities keep class order, as the /v1 API's top-k does
         order = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]
         out[TOP_K_CLASS] = order.astype(np.int64)
