@@ -33,7 +33,8 @@ def load_cascade(model_dir: str, pb_utils: Any) -> AnytimeModel:
         models = {artifact: m["model"] for artifact, m in record["models"].items()}
         return AnytimeModel(manifest, TritonBLSBackend(manifest, models, pb_utils,
                                                        record["backend"]))
-    options = {"threads": record["threads"]} if record.get("threads") else {}
+    onnx = record["backend"] == "onnxruntime"
+    options = {"threads": record["threads"]} if onnx and record.get("threads") else {}
     model = AnytimeModel.load(manifest_path, backend=record["backend"], **options)
     model.warmup(1)
     return model

@@ -48,6 +48,20 @@ RECORD_FORMAT = 1
 DEPLOY = "deploy"
 
 
+PYTHON_ENVIRONMENT = (
+    "The Python-backend models import byot-edge {version}, numpy and onnxruntime: pip install "
+    "'byot-edge[onnxruntime]=={version}' into the Python that Triton's Python-backend stub "
+    "runs, or pack such an environment for the EXECUTION_ENV_PATH parameter, or name its "
+    "site-packages in the server's PYTHONPATH (the models add it to their path)")
+ENVIRONMENT = f"""# The byot-edge cascade (written by `byot-edge triton-repo`)
+
+{PYTHON_ENVIRONMENT}.
+
+1/repository.json lists every file of this repository with its sha256; the cascade refuses
+to load where one differs. Write the repository again instead of editing it.
+"""
+
+
 @dataclass(frozen=True)
 class RepoOptions:
     name: str = "byot"
@@ -247,12 +261,14 @@ def write_repository(manifest_path: str | Path, out: str | Path,
         for _, entry in _deploy_files(manifest, options):
             w.copy(manifest.root / entry.path, cascade / DEPLOY / entry.path, entry.sha256)
     w.text(cascade / "model.py", model_source("cascade"))
+    w.text(root / options.name / "README.md", ENVIRONMENT.format(version=__version__))
     w.text(root / options.name / "config.pbtxt", pbtxt.render(_cascade_config(manifest, options)))
     record = {
         "format": RECORD_FORMAT, "byot_edge": __version__, "name": options.name,
         "mode": options.mode, "segments": options.segments, "backend": options.backend,
         "max_batch": options.max_batch, "threads": options.threads,
         "manifest": f"{options.name}/1/{DEPLOY}/{MANIFEST_NAME}",
+        "python_environment": PYTHON_ENVIRONMENT.format(version=__version__),
         "models": models, "files": dict(sorted(w.files.items())),
     }
     atomic_write_json(cascade / RECORD, record)
