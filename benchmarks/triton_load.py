@@ -116,6 +116,22 @@ def run_direct(model: AnytimeModel, images: np.ndarray, clients: int,
     return latencies
 
 
+def load_images(cifar: Path | None, model: AnytimeModel, n: int) -> np.ndarray:
+    """n CIFAR-10 test images (the python layout's test_batch), normalised as the manifest
+    says; random ones (which a trained model may answer all at exit 1) without --cifar."""
+    spec = model.manifest.input
+    if cifar is None:
+        return np.random.default_rng(0).standard_normal((n, *spec.shape)).astype(np.float32)
+    import pickle
+
+    from byot_edge.runtime.preprocess import normalise
+
+    with (cifar / "cifar-10-batches-py" / "test_batch").open("rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    pixels = np.asarray(batch[b"data"][:n], np.uint8).reshape(n, 3, 32, 32)
+    return normalise(pixels, spec)
+
+
 def start_serve(manifest: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     proc = subprocess.Popen(
@@ -137,6 +153,26 @@ def start_serve(manifest: Path, threads: int, max_batch: int) -> tuple[subproces
     raise RuntimeError("byot-edge serve did not become ready")
 
 
+def triton_stats(port: int) -> dict[str, dict[str, float]]:
+    """Per model, from Triton's statistics endpoint: requests, executions (batches), mean
+    queue and compute time per request."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/v2/models/stats", timeout=10) as r:
+        doc = json.loads(r.read())
+    out = {}
+    for m in doc["model_stats"]:
+        st = m["inference_stats"]
+        n = max(1, int(st["success"]["count"]))
+        out[m["name"]] = {
+            "requests": int(m["inference_count"]), "executions": int(m["execution_count"]),
+            "rows_per_execution": int(m["inference_count"]) / max(1, int(m["execution_count"])),
+            "queue_ms": int(st["queue"]["ns"]) / n / 1e6,
+            "compute_ms": (int(st["compute_input"]["ns"]) + int(st["compute_infer"]["ns"])
+                           + int(st["compute_output"]["ns"])) / n / 1e6}
+    return out
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", type=Path, required=True, help="a calibrated deploy folder")
@@ -147,6 +183,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--modes", default="direct,triton-inprocess,triton-bls,serve")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "triton-load")
+    p.add_argument("--cifar", type=Path, default=None,
+                   help="folder with cifar-10-batches-py: real test images as requests")
     return p.parse_args()
 
 
@@ -157,8 +195,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="triton-load-"))
     model = AnytimeModel.load(args.manifest, threads=args.threads)
     model.warmup(1)
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((64, *model.manifest.input.shape)).astype(np.float32)
+    images = load_images(args.cifar, model, 256)
+    exits = np.bincount(model.run(images).exits, minlength=model.num_exits + 1)[1:]
+    say(f"the requests' exits under the calibrated thresholds: {exits.tolist()} (exits 1..K)")
     opts = dict(threads=args.threads, max_batch=args.max_batch)
     write_repository(args.manifest, work / "bls", RepoOptions(**opts))
     write_repository(args.manifest, work / "inprocess", RepoOptions(
@@ -186,7 +225,7 @@ def main() -> None:
                         lat[mode] += run_direct(model, images, c, args.seconds)
                     else:
                         port, name = ports[mode]
-                        reqs = [oip_request(name, images[i][None], HOST) for i in range(64)]
+                        reqs = [oip_request(name, x[None], HOST) for x in images]
                         lat[mode] += run_server(port, reqs, c, args.seconds)
                     wall[mode] += time.perf_counter() - t0
                     cpu[mode] += time.process_time() - p0
@@ -198,15 +237,25 @@ def main() -> None:
                                     "this_process_cpu": cpu[mode] / wall[mode]}
                 say(f"{c:>3} clients  {mode:<17} {results[mode][c]['throughput']:8.1f} req/s  "
                     f"p50 {s.p50:7.2f} ms  p99 {s.p99:7.2f} ms")
+        stats = triton_stats(triton.http_port)
     finally:
         triton.stop()
         serve.terminate()
         serve.wait(30)
         model.close()
     report(results, clients, modes)
+    print("\nwhere Triton's time went, per model, over the whole run (all modes and clients):")
+    print("| model | requests | executions | rows per execution | queue ms | compute ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, st in stats.items():
+        print(f"| {name} | {st['requests']} | {st['executions']} | {st['rows_per_execution']:.2f} "
+              f"| {st['queue_ms']:.2f} | {st['compute_ms']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "triton_load.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        {"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+         "exits": exits.tolist(),
+         "triton_stats": stats, "cpus": os.cpu_count(),
+         "load_average_at_end": os.getloadavg()}, indent=2))
     say(f"wrote {args.out / 'triton_load.json'}")
 
 
