@@ -27,7 +27,9 @@ from byot_edge.manifest import SEGMENT_TRT, FileEntry, Thresholds, load_manifest
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.preprocess import load_images
 from byot_edge.runtime.profile import exit_latencies, select_profile
+from byot_edge.triton.cascade import load_cascade
 from byot_edge.triton.local import pytriton_server_dir, start_local_triton, stub_site
+from byot_edge.triton.protocol import Request, parse_parameters
 from byot_edge.triton.repository import (
     RepoOptions,
     read_record,
@@ -231,6 +233,8 @@ def test_the_cascade_refuses_a_changed_repository(repos, tmp_path):
     seg.write_bytes(seg.read_bytes()[:-1] + b"\0")
     with pytest.raises(ByotError, match=r"byot_segment2/1/model\.onnx does not match"):
         verify_repository(root, record)
+    with pytest.raises(ByotError, match="does not match"):  # what Triton's load calls
+        load_cascade(str(copy / "byot"), pb_utils=None)
     seg.unlink()
     with pytest.raises(ByotError, match="missing"):
         verify_repository(root, record)
@@ -312,3 +316,15 @@ def test_the_command_writes_a_repository_and_refuses_bad_options(deploy, tmp_pat
 def test_engines_are_asked_for_where_the_manifest_has_none(deploy, tmp_path):
     with pytest.raises(ByotError, match="--segments --format trt"):
         write_repository(deploy, tmp_path / "repo", RepoOptions(segments="tensorrt"))
+
+
+def test_parameters_are_parsed_strictly():
+    parsed = parse_parameters({"threshold": "0.5, 0.4,0.3", "top_k": 2.0}, 4, 10)
+    assert parsed.options.threshold == (0.5, 0.4, 0.3) and parsed.top_k == 2
+    assert parsed.batchable and not parse_parameters({"budget_ms": 3}, 4, 10).batchable
+    assert parse_parameters({}, 4, 10) == Request(PredictOptions(), 0)
+    for params, words in (({"threshold": True}, "number"), ({"threshold": "nan"}, "finite"),
+                          ({"exit": 1.5}, "whole"), ({"top_k": -1}, "top_k"),
+                          ({"budget_ms": "fast"}, "number"), ({"exit": 0}, "exit 0")):
+        with pytest.raises(ByotError, match=words):
+            parse_parameters(params, 4, 10)
