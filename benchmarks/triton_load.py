@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from byot_edge.runtime.anytime import AnytimeModel  # noqa: E402
 from byot_edge.timing import summarize  # noqa: E402
-from byot_edge.triton.local import HOST, _free_port, start_local_triton  # noqa: E402
+from byot_edge.triton.local import HOST, free_port, start_local_triton  # noqa: E402
 from byot_edge.triton.repository import RepoOptions, write_repository  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def load_images(cifar: Path | None, model: AnytimeModel, n: int) -> np.ndarray:
 
 
 def start_serve(manifest: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "byot_edge.cli", "serve", str(manifest), "--host", HOST,
          "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),

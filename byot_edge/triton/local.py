@@ -35,7 +35,7 @@ def pytriton_server_dir() -> Path | None:
     return folder if (folder / "bin" / "tritonserver").is_file() else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
@@ -138,7 +138,7 @@ def start_local_triton(repository: Path, workdir: Path, timeout_s: float = 60,
     env = {**os.environ, "PYTHONPATH": python_path(),
            "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(libs), os.environ.get(
                "LD_LIBRARY_PATH", "")) if p)}
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     log_path = workdir / "tritonserver.log"
     cmd = [str(server / "bin" / "tritonserver"), "--model-repository", str(repository.resolve()),
            "--backend-directory", str(backends), "--http-address", HOST,
