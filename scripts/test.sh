@@ -15,6 +15,18 @@ fi
 .venv/bin/python -c "import tensorrt_rtx" >/dev/null 2>&1 \
   || .venv/bin/python -m pip install -q tensorrt-rtx \
   || echo "tensorrt-rtx could not be installed; TensorRT build tests will skip"
+# A real tritonserver with the Python backend (nvidia-pytriton's wheel, about 100 MB) for the
+# Triton tests. --no-deps: only its binary is used, and its Python package pins numpy<2,
+# which would downgrade the venv's. Its Python backend reads numpy 2 arrays as empty, so
+# the models get numpy 1 from a folder of their own. Without them those tests skip.
+.venv/bin/python -c "import pytriton" >/dev/null 2>&1 \
+  || .venv/bin/python -m pip install -q --no-deps nvidia-pytriton \
+  || echo "nvidia-pytriton could not be installed; the Triton server tests will skip"
+if .venv/bin/python -c "import numpy, sys; sys.exit(int(numpy.__version__[0]) < 2)" \
+   && [ ! -d .venv/triton-stub-site/numpy ]; then
+  .venv/bin/python -m pip install -q --target .venv/triton-stub-site 'numpy<2' \
+    || echo "numpy<2 could not be installed for the Triton stub; the Triton server tests will skip"
+fi
 .venv/bin/ruff check byot_edge tests benchmarks
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # see byot_edge/__init__.py
 exec .venv/bin/python -m pytest "$@"

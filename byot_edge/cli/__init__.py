@@ -10,6 +10,7 @@ from byot_edge.cli import (  # noqa: F401  (importing registers the commands)
     runtime,
     serve,
     train,
+    triton,
 )
 from byot_edge.cli.app import app, main
 

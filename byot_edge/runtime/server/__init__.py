@@ -4,8 +4,9 @@
     app = create_app(model, ServeConfig(max_batch=32, max_wait_ms=2))  # any ASGI server
     # `byot-edge serve` runs it under uvicorn (byot_edge.cli.serve: signals, draining).
 
-Endpoints: POST /v1/predict, GET /v1/model, GET /healthz, GET /readyz, GET /metrics, and the
-OpenAPI schema (/openapi.json, /docs). docs/serving.md describes them for users.
+Endpoints: POST /v1/predict, GET /v1/model, GET /healthz, GET /readyz, GET /metrics, the
+Open Inference Protocol v2 (/v2/..., oip.py: what Triton speaks), and the OpenAPI schema
+(/openapi.json, /docs). docs/serving.md describes them for users.
 
 Modules, one idea each:
 
@@ -14,7 +15,7 @@ Modules, one idea each:
   readiness, the queue's bound) and `predict`, the path of every prediction request;
 - schemas: the pydantic answers, which are the OpenAPI documentation;
 - http: reading bodies under the limits, multipart, auth, metrics middleware, errors;
-- routes: the routers; app: create_app.
+- routes: the /v1 and health routers; oip: the /v2 router; app: create_app.
 - Request bodies are decoded by byot_edge.runtime.decode (no web framework there).
 
 Another router (e.g. the Open Inference Protocol) is a function of the context:

@@ -13,11 +13,12 @@ from byot_edge.runtime.metrics import ServerMetrics
 from byot_edge.runtime.server.config import ServeConfig
 from byot_edge.runtime.server.context import ServerContext
 from byot_edge.runtime.server.http import Observe, bearer_auth, install_error_handlers
+from byot_edge.runtime.server.oip import oip_router
 from byot_edge.runtime.server.routes import info_router, predict_router
 
 # A router factory: given the shared context, the routes it adds.
 RouterFactory = Callable[[ServerContext], APIRouter]
-ROUTERS: tuple[RouterFactory, ...] = (predict_router, info_router)
+ROUTERS: tuple[RouterFactory, ...] = (predict_router, info_router, oip_router)
 
 DESCRIPTION = ("An anytime classifier: each request is answered by the shallowest exit of a "
                "self-distilled multi-exit network that is confident enough, or by the deepest "
@@ -28,9 +29,9 @@ DESCRIPTION = ("An anytime classifier: each request is answered by the shallowes
 def create_app(model: AnytimeModel, config: ServeConfig | None = None, *,
                routers: Sequence[RouterFactory] = ()) -> FastAPI:
     """The FastAPI app serving `model`: /v1/predict, /v1/model, /healthz, /readyz,
-    /metrics, then each of `routers` built on the same context (app.state.context). Its
-    lifespan starts the batching worker and warms the model up in it; /readyz answers 200
-    once that is done."""
+    /metrics, the Open Inference Protocol's /v2 routes, then each of `routers` built on the
+    same context (app.state.context). Its lifespan starts the batching worker and warms the
+    model up in it; /readyz answers 200 once that is done."""
     config = config or ServeConfig()
     metrics = ServerMetrics(model.num_exits)
     protect = [Depends(bearer_auth(config.token))] if config.token else []

@@ -129,7 +129,7 @@ def model_info(model: AnytimeModel, config: ServeConfig) -> ModelInfo:
                                   temperatures=th.temperatures, source=th.source,
                                   expected=th.expected) if th else None,
         latency_profiles=[LatencyProfileInfo(backend=p.backend, device=p.device, batch=p.batch,
-                                             exits=p.exits, created=p.created)
+                                             exits=p.to_dict()["exits"], created=p.created)
                           for p in m.latency_profiles],
         serving=ServingInfo(backend=model.backend.name, device=model.backend.device,
                             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
