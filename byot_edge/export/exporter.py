@@ -114,9 +114,6 @@ def export_checkpoint(
     if builder is not None:
         builder.check_batch(batch)
 
-    say(f"capturing {model.config.arch} ({model.num_exits} exits) as ONNX")
-    cap = graph.capture(model, batch=batch, opset=opset, exporter=exporter)
-    say(f"captured with the {cap.exporter} exporter, opset {cap.opset}")
     spec = input_spec(state, model)
     calib = None
     if precision == "int8":  # before the long part: missing data fails at once
@@ -126,6 +123,9 @@ def export_checkpoint(
                                        else DEFAULT_IMAGES)
         calib = calibration_set(state, spec.shape, n_cal, data_dir, dataset)
         say(f"int8: calibrating on {n_cal} {calib.record['dataset']} training images")
+    say(f"capturing {model.config.arch} ({model.num_exits} exits) as ONNX")
+    cap = graph.capture(model, batch=batch, opset=opset, exporter=exporter)
+    say(f"captured with the {cap.exporter} exporter, opset {cap.opset}")
     x, source = check_inputs(state, spec.shape, batch or CHECK_SAMPLES, data_dir, dataset)
     say(f"checking on {len(x)} inputs: {source}")
     meta = _metadata(state, model, spec)
@@ -157,7 +157,8 @@ def export_checkpoint(
 
             engine_reports = build_engines(
                 builder, stage, cap, model, files, x, out_dir=out, rtol=rtol,
-                calibration=lambda: calib.images if calib is not None else x)
+                calibration=lambda: calib.images if calib is not None else x,
+                calibration_record=calib.record if calib is not None else None)
             reports += engine_reports
             bad = [r for r in engine_reports if not r.passed]
             if bad:
