@@ -187,3 +187,13 @@ def test_cli_int8_bad_calibration_count(ckpt, tmp_path):
                                       "--data-dir", str(tmp_path), "--dataset", "synthetic"])
     assert result.exit_code != 0
     assert "--calibration-images must be >= 1" in result.output
+
+
+def test_int8_into_an_fp32_folder_is_refused_when_files_would_mix(ckpt, tmp_path):
+    out = tmp_path / "d"
+    export_checkpoint(ckpt, out, exits=[1, 2], **TS)
+    with pytest.raises(ByotError, match="several precisions"):
+        export_checkpoint(ckpt, out, exits=[1], precision="int8", calibration_images=8,
+                          data_dir=tmp_path, dataset="synthetic", int8_agreement=0.0, **TS)
+    assert load_manifest(out).exit(1).files[TRUNCATED_ONNX].precision == "fp32"
+    assert not list(out.glob("*.int8.onnx"))

@@ -170,6 +170,7 @@ def export_checkpoint(
                          dataset=str((state.get("data") or {}).get("dataset", "")),
                          root=out)
         manifest = merge(existing, fresh, Written(files, weights), say)
+        _one_onnx_precision(manifest, out)
         # Validate before anything is renamed: a manifest that cannot be saved aborts cleanly.
         from byot_edge.manifest import validate_manifest_dict
 
@@ -252,6 +253,17 @@ def _quantize(stage: Staging, cap: graph.Capture, model: MultiExitNet,
     if failed:
         raise ByotError(failure_message(failed))
     return reports
+
+
+def _one_onnx_precision(manifest: Manifest, out: Path) -> None:
+    """A cascade mixing fp32 and int8 files (kept from an earlier export) would serve one
+    precision's segments under the other's exits: refuse it before anything is renamed."""
+    seen = {f.precision: f.path for e in manifest.exits for kind, f in e.files.items()
+            if kind in (TRUNCATED_ONNX, SEGMENT_ONNX)}
+    if len(seen) > 1:
+        listed = ", ".join(f"{p} ({path})" for p, path in sorted(seen.items()))
+        raise ByotError(f"{out} would hold ONNX files of several precisions: {listed}; export "
+                        "into a fresh --out, or re-export every exit (and --segments) there")
 
 
 def _existing_manifest(out: Path) -> Manifest | None:
