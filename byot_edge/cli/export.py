@@ -13,7 +13,8 @@ from byot_edge.errors import ByotError
 
 _EXAMPLE = (
     "Example: byot-edge export runs/cifar/best.pt --exit all --segments --out deploy/  "
-    "(then: --format trt --precision fp16 --batch-range 1,8,32 on the target device)"
+    "(then: --format trt --precision fp16 --batch-range 1,8,32 on the target device; or, for "
+    "ONNX Runtime on a CPU: --precision int8 --data-dir DATA --calibration-images 512)"
 )
 
 
