@@ -159,9 +159,13 @@ def test_runtime_serves_the_int8_folder(int8):
         (want,) = _run(manifest.file_path(k, TRUNCATED_ONNX), x)
         got = model.predict(x, exit=k)
         assert [p.index for p in got] == want.argmax(1).tolist()
-    # The cascade runs the int8 segments (joined into spans by the runtime).
-    cascade = model.predict(x, threshold=0.0)
-    assert all(p.exit == 1 for p in cascade)
+    # The cascade runs the int8 segments: exit 1 never confident enough, exits 2 and 3
+    # off, so segments 2..4 run as one span the runtime joins out of the int8 files.
+    cascade = model.predict(x, threshold=[1.0, 2.0, 2.0])
+    (deepest,) = _run(manifest.file_path(K, TRUNCATED_ONNX), x)
+    assert [p.exit for p in cascade] == [K] * len(x)
+    assert [p.index for p in cascade] == deepest.argmax(1).tolist()
+    assert model.backend.has("span2-4")
 
 
 @pytest.mark.parametrize(("kw", "match"), [

@@ -102,13 +102,16 @@ def _requantize_input(sub: onnx.ModelProto, whole: onnx.ModelProto) -> None:
     q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
     if q is None or q.op_type != "QuantizeLinear":
         return
-    requantized = f"{name}_requantized"
+    # Names of their own: the runtime joins segments into one graph (onnx_join), where the
+    # previous segment's quantizer-made pair for this tensor is kept too.
+    requantized, quantized = f"{name}_requantized", f"{name}_requantized_q"
     for node in sub.graph.node:
         node.input[:] = [requantized if n == name else n for n in node.input]
-    pair = [onnx.helper.make_node("QuantizeLinear", [name, *q.input[1:]], [f"{name}_q"],
-                                  name=f"{name}_QuantizeLinear", **_attrs(q)),
-            onnx.helper.make_node("DequantizeLinear", [f"{name}_q", *dq.input[1:]],
-                                  [requantized], name=f"{name}_DequantizeLinear", **_attrs(dq))]
+    pair = [onnx.helper.make_node("QuantizeLinear", [name, *q.input[1:]], [quantized],
+                                  name=f"{name}_requantize_QuantizeLinear", **_attrs(q)),
+            onnx.helper.make_node("DequantizeLinear", [quantized, *dq.input[1:]],
+                                  [requantized], name=f"{name}_requantize_DequantizeLinear",
+                                  **_attrs(dq))]
     have = {i.name for i in sub.graph.initializer}
     for init in whole.graph.initializer:
         if init.name in {*q.input[1:], *dq.input[1:]} - have:
