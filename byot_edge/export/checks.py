@@ -91,12 +91,18 @@ def check_inputs(state: dict[str, Any], shape: Sequence[int], n: int,
     return np.ascontiguousarray(x, np.float32), f"{name} test split, {data_dir}"
 
 
-def ort_session(path: Path) -> Any:
-    """A CPU ONNX Runtime session; full graph optimisation, as a deployment would run it."""
+def ort_session(path: Path, fake_quant: bool = False) -> Any:
+    """A CPU ONNX Runtime session; full graph optimisation, as a deployment would run it.
+
+    `fake_quant`: run a Q/DQ graph as written (float ops between Quantize and Dequantize)
+    instead of fusing it into ONNX Runtime's int8 kernels, whose int16 accumulation saturates
+    on CPUs without VNNI: how a TensorRT int8 graph's numerics are emulated here."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if fake_quant:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     # A check, not a benchmark: idle threads sleep instead of spinning, which on a busy
     # machine would steal the cores PyTorch needs for the reference.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

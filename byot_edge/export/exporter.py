@@ -155,8 +155,10 @@ def export_checkpoint(
         if builder is not None:
             from byot_edge.export.engines import build_engines
 
+            # int8: its Q/DQ graph is checked on held-out images, as the int8 ONNX files are.
             engine_reports = build_engines(
-                builder, stage, cap, model, files, x, out_dir=out, rtol=rtol,
+                builder, stage, cap, model, files, x if calib is None else calib.check_images,
+                out_dir=out, rtol=rtol,
                 calibration=lambda: calib.images if calib is not None else x,
                 calibration_record=calib.record if calib is not None else None)
             reports += engine_reports
