@@ -201,3 +201,15 @@ def test_int8_into_an_fp32_folder_is_refused_when_files_would_mix(ckpt, tmp_path
                           data_dir=tmp_path, dataset="synthetic", int8_agreement=0.0, **TS)
     assert load_manifest(out).exit(1).files[TRUNCATED_ONNX].precision == "fp32"
     assert not list(out.glob("*.int8.onnx"))
+
+
+def test_static_batch_int8_calibrates_and_checks_in_whole_batches(ckpt, tmp_path):
+    manifest, reports = export_checkpoint(
+        ckpt, tmp_path / "d", exits=[2], batch=4, precision="int8", calibration_images=10,
+        data_dir=tmp_path, dataset="synthetic", int8_agreement=0.0, **TS)
+    (q,) = [r for r in reports if r.kind == "int8_exit"]
+    assert q.samples == 256  # 256 held-out images are 64 whole batches of 4
+    assert manifest.exit(2).files[TRUNCATED_ONNX].inputs[0].shape[0] == 4
+    with pytest.raises(ByotError, match="whole batches"):
+        export_checkpoint(ckpt, tmp_path / "e", exits=[2], batch=4, precision="int8",
+                          calibration_images=3, data_dir=tmp_path, dataset="synthetic", **TS)

@@ -157,7 +157,8 @@ def export_checkpoint(
 
             # int8: its Q/DQ graph is checked on held-out images, as the int8 ONNX files are.
             engine_reports = build_engines(
-                builder, stage, cap, model, files, x if calib is None else calib.check_images,
+                builder, stage, cap, model, files,
+                x if calib is None or batch else calib.check_images,
                 out_dir=out, rtol=rtol,
                 calibration=lambda: calib.images if calib is not None else x,
                 calibration_record=calib.record if calib is not None else None)
@@ -243,8 +244,15 @@ def _quantize(stage: Staging, cap: graph.Capture, model: MultiExitNet,
     scheme = quantize.Scheme()
     say(f"quantizing the network (QDQ, {scheme.activations} activations, per-channel int8 "
         "weights)")
+    held_out = calib.check_images
+    if cap.batch:  # a static batch: whole batches only (the references must match them)
+        held_out = held_out[:len(held_out) // cap.batch * cap.batch]
+        if len(held_out) == 0:
+            raise ByotError(f"--batch {cap.batch} is static and fewer held-out images are left "
+                            "to check the int8 files on: ask for fewer --calibration-images "
+                            "or a smaller --batch")
     job = quantize.Int8Export(
-        quantize.quantize_capture(cap, calib.images, scheme), calib.check_images,
+        quantize.quantize_capture(cap, calib.images, scheme), held_out,
         calib.check_source, {**calib.record, "scheme": scheme.record()},
         quantize.DEFAULT_MIN_AGREEMENT if agreement is None else agreement)
     say(f"checking the int8 files on {len(calib.check_images)} images: {calib.check_source}")

@@ -43,26 +43,19 @@ def int8_capture(cap: graph.Capture, calibration: np.ndarray, workdir: Path) -> 
     """The whole fp32 graph with Q/DQ pairs, calibrated on `calibration` (normalised images)."""
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 32)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {graph.INPUT: np.ascontiguousarray(batch)}
+    from byot_edge.export.quantize import Reader
 
     src, dst = workdir / "whole.onnx", workdir / "whole.int8.onnx"
     onnx.save(cap.model, src)
     with _quiet_quantizer():
         quantize_static(
-            str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), Reader(calibration, cap.batch), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
             op_types_to_quantize=["Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
             # TensorRT takes symmetric int8 only, and fp32 biases (it folds them itself).

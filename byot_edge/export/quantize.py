@@ -88,7 +88,7 @@ def quantize_capture(cap: graph.Capture, calibration: np.ndarray,
             # torch.export graphs' dynamic batch axis.
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(
-                str(pre), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                str(pre), str(dst), Reader(calibration, cap.batch), quant_format=QuantFormat.QDQ,
                 activation_type=act, weight_type=QuantType.QInt8, per_channel=scheme.per_channel,
                 reduce_range=scheme.reduce_range,
                 calibrate_method=getattr(CalibrationMethod, scheme.method),
@@ -100,12 +100,20 @@ def quantize_capture(cap: graph.Capture, calibration: np.ndarray,
     return graph.Capture(proto, cap.num_exits, cap.exporter, cap.opset, cap.batch)
 
 
-class _Reader:
-    """The quantizer's calibration data reader: the images in batches."""
+class Reader:
+    """The quantizer's calibration data reader: the images in batches; with a static batch
+    axis, batches of exactly that size (the remainder is left out)."""
 
-    def __init__(self, images: np.ndarray) -> None:
-        chunks = max(1, len(images) // CALIBRATION_BATCH)
-        self._batches = iter(np.array_split(images, chunks))
+    def __init__(self, images: np.ndarray, static_batch: int | None = None) -> None:
+        if static_batch:
+            usable = len(images) // static_batch * static_batch
+            if usable == 0:
+                raise ByotError(f"--batch {static_batch} is static, so int8 calibrates on whole "
+                                f"batches: pass --calibration-images >= {static_batch}")
+            self._batches = iter(np.split(images[:usable], usable // static_batch))
+        else:
+            chunks = max(1, len(images) // CALIBRATION_BATCH)
+            self._batches = iter(np.array_split(images, chunks))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -208,9 +216,18 @@ def _stage_int8(job: Int8Export, stage: Any, k: int, entry: Any, kind: str,
     new.precision, new.calibration = "int8", dict(job.calibration)
     stage.drop(entry.path)  # checked against PyTorch above; the folder holds int8 only
     files[k][SEGMENT_ONNX if kind == "segment" else TRUNCATED_ONNX] = new
-    session = ort_session(stage.path(name))
-    outs = session.run(None, {session.get_inputs()[0].name: x})
+    outs = run_batched(ort_session(stage.path(name)), x, job.qcap.batch)
     return outs if all_outputs else outs[0]
+
+
+def run_batched(session: Any, x: np.ndarray, static_batch: int | None) -> list[np.ndarray]:
+    """All outputs for `x`; a static-batch file is run one batch at a time."""
+    name = session.get_inputs()[0].name
+    if not static_batch:
+        return session.run(None, {name: x})
+    runs = [session.run(None, {name: x[i:i + static_batch]})
+            for i in range(0, len(x) // static_batch * static_batch, static_batch)]
+    return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
 
 def _segment_references(model: Any, x: np.ndarray, torch_outputs: Any) -> list[np.ndarray]:
