@@ -46,6 +46,12 @@ class FileEntry:
     outputs: list[TensorSpec]
     # Engines only: tensorrt version, gpu name, compute capability, precision, batch range...
     engine: dict[str, Any] | None = None
+    # What the file computes in: "fp32" | "fp16" | "int8" (manifests older than int8 exports
+    # have no such field: their files are fp32 ONNX, or engines whose record says).
+    precision: str = "fp32"
+    # int8 only: the images it was calibrated on (dataset, split, count, seed, sha256) and
+    # the quantization scheme; see byot_edge/export/calibration_set.py and quantize.py.
+    calibration: dict[str, Any] | None = None
 
 
 @dataclass
@@ -149,8 +155,11 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: Path = Path(".")) -> Manifest:
         def file_entry(f: dict[str, Any]) -> FileEntry:
+            engine = f.get("engine")
             return FileEntry(f["path"], f["sha256"], [TensorSpec(**t) for t in f["inputs"]],
-                             [TensorSpec(**t) for t in f["outputs"]], f.get("engine"))
+                             [TensorSpec(**t) for t in f["outputs"]], engine,
+                             f.get("precision") or (engine or {}).get("precision", "fp32"),
+                             f.get("calibration"))
 
         exits = [ExitEntry(**{**e, "files": {k: file_entry(v) for k, v in e["files"].items()}})
                  for e in d["exits"]]

@@ -137,14 +137,20 @@ def test_int8_names_layers_left_in_higher_precision(ckpt, tmp_path):
         ckpt, tmp_path / "d", exits=[1], formats=("trt",), data_dir=tmp_path,
         dataset="synthetic", trt_options=_options(precision="int8", calibration_samples=16),
         **TS)
-    rec = manifest.exit(1).files[TRUNCATED_TRT].engine
+    engine = manifest.exit(1).files[TRUNCATED_TRT]
+    rec = engine.engine
     assert rec["precision"] == "int8"
+    # Calibrated on training images, as the int8 ONNX files are; the ONNX file stays fp32.
+    assert engine.precision == "int8" and engine.calibration["split"] == "train"
+    assert engine.calibration["images"] == 16
+    assert manifest.exit(1).files["onnx"].precision == "fp32"
     hp = rec["higher_precision"]
     assert hp["int8_layers"] > 0
     # The attention branch's upsample and sigmoid have no int8 kernels here.
     assert {"Resize", "Sigmoid"} <= set(hp["by_op_type"]) and hp["layers"]
     (q,) = [r for r in reports if r.kind == "int8_onnx"]
-    assert q.max_rel is not None and q.samples == 16
+    # Checked on held-out training images (synthetic data has no val split), unfused.
+    assert q.max_rel is not None and q.samples == 256 and "fake-quantized" in q.note
 
 
 def test_fp16_and_static_batch(ckpt, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -12,7 +13,8 @@ from byot_edge.errors import ByotError
 
 _EXAMPLE = (
     "Example: byot-edge export runs/cifar/best.pt --exit all --segments --out deploy/  "
-    "(then: --format trt --precision fp16 --batch-range 1,8,32 on the target device)"
+    "(then: --format trt --precision fp16 --batch-range 1,8,32 on the target device; or, for "
+    "ONNX Runtime on a CPU: --precision int8 --data-dir DATA --calibration-images 512)"
 )
 
 
@@ -39,31 +41,40 @@ def _parse_range(value: str | None) -> tuple[int, int, int] | None:
 @app.command(help="Export exits of a checkpoint to ONNX (and TensorRT), checked against "
                   "PyTorch, with a manifest for the runtime.\n\n" + _EXAMPLE)
 def export(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `byot-edge train`."),
-    exit_: str = typer.Option("all", "--exit", help="Exit to export: 1..K, a list (1,3) or all."),
-    out: Path = typer.Option(Path("deploy"), "--out", help="Output folder (manifest + files)."),
-    segments: bool = typer.Option(False, "--segments",
-                                  help="Also write segment1..K for cascaded (anytime) serving."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx, trt (ONNX + engines) or all."),
-    batch: int | None = typer.Option(None, "--batch",
-                                     help="Static batch size (default: a dynamic batch axis)."),
-    batch_range: str | None = typer.Option(None, "--batch-range",
-                                           help="TensorRT profile min,opt,max (default 1,8,32)."),
-    precision: str = typer.Option("fp32", "--precision", help="Engines: fp32, fp16 or int8."),
-    data_dir: Path | None = typer.Option(None, "--data-dir",
-                                         help="Real images for the checks and int8 calibration."),
-    dataset: str | None = typer.Option(None, "--dataset",
-                                       help="Dataset in --data-dir (default: the checkpoint's)."),
-    rtol: float = typer.Option(1e-4, "--rtol", help="Max error relative to the largest logit."),
-    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 18)."),
-    exporter: str = typer.Option("auto", "--exporter",
-                                 help="auto (torch.export, else TorchScript), dynamo, torchscript."),
-    workspace_mb: int = typer.Option(1024, "--workspace-mb", help="TensorRT workspace limit."),
-    timing_cache: Path | None = typer.Option(None, "--timing-cache",
-                                             help="TensorRT timing cache (default OUT/timing.cache)."),
-    compute_capability: str | None = typer.Option(
-        None, "--compute-capability",
-        help="TensorRT-RTX: build ahead of time for this GPU generation (e.g. 8.9), no GPU needed."),
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `byot-edge train`.")],
+    exit_: Annotated[str, typer.Option(
+        "--exit", help="Exit to export: 1..K, a list (1,3) or all.")] = "all",
+    out: Annotated[Path, typer.Option(help="Output folder (manifest + files).")] = Path("deploy"),
+    segments: Annotated[bool, typer.Option(
+        help="Also write segment1..K for cascaded (anytime) serving.")] = False,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="onnx, trt (ONNX + engines) or all.")] = "onnx",
+    batch: Annotated[int | None, typer.Option(
+        help="Static batch size (default: a dynamic batch axis).")] = None,
+    batch_range: Annotated[str | None, typer.Option(
+        help="TensorRT profile min,opt,max (default 1,8,32).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="fp32; int8 (ONNX files for ONNX Runtime on the CPU, or with --format trt the "
+             "engines); fp16 (engines).")] = "fp32",
+    calibration_images: Annotated[int | None, typer.Option(
+        help="int8: how many training images to calibrate on (default 512).")] = None,
+    int8_agreement: Annotated[float | None, typer.Option(
+        help="int8: least top-1 agreement with PyTorch each file must reach (default 0.9).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Real images for the checks and int8 calibration.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset in --data-dir (default: the checkpoint's).")] = None,
+    rtol: Annotated[float, typer.Option(help="Max error relative to the largest logit.")] = 1e-4,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+    exporter: Annotated[str, typer.Option(
+        help="auto (torch.export, else TorchScript), dynamo, torchscript.")] = "auto",
+    workspace_mb: Annotated[int, typer.Option(help="TensorRT workspace limit.")] = 1024,
+    timing_cache: Annotated[Path | None, typer.Option(
+        help="TensorRT timing cache (default OUT/timing.cache).")] = None,
+    compute_capability: Annotated[str | None, typer.Option(
+        help="TensorRT-RTX: build ahead of time for this GPU generation (e.g. 8.9), no GPU "
+             "needed.")] = None,
 ) -> None:
     from byot_edge.export.exporter import export_checkpoint
     from byot_edge.export.trt_build import TrtOptions
@@ -78,6 +89,8 @@ def export(
             checkpoint, out, exits=_parse_exits(exit_), segments=segments, formats=formats,
             batch=batch, data_dir=data_dir, dataset=dataset, rtol=rtol, opset=opset,
             trt_options=trt, progress=lambda msg: status.update(msg), exporter=exporter,  # type: ignore[arg-type]
+            precision=precision, calibration_images=calibration_images,
+            int8_agreement=int8_agreement,
         )
     table = Table(title=f"checks: {out}")
     table.add_column("file", no_wrap=True)
@@ -95,6 +108,11 @@ def export(
             "[green]ok[/]" if r.passed else "[red]FAILED[/]",
         )
     console.print(table)
+    int8 = [r for r in reports if r.min_agreement is not None]
+    if int8:
+        console.print(f"int8 files: passed when top-1 agreement with PyTorch >= "
+                      f"{int8[0].min_agreement:.0%} on {int8[0].samples} held-out images; their "
+                      "logits error is reported, not judged", highlight=False)
     for note in dict.fromkeys(r.note for r in reports if r.note):  # once each, in order
         console.print(f"note: {note}", highlight=False)
     console.print(f"wrote {out / 'manifest.json'}: {manifest.model['arch']}, "

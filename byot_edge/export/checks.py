@@ -37,6 +37,9 @@ class CheckReport:
     top1_agreement: float | None = None
     tolerance: float | None = None
     note: str = ""
+    # int8 files are judged by top-1 agreement with PyTorch (>= this), their logits error is
+    # reported: quantization error depends on the data and calibration, not on the export.
+    min_agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,12 +91,18 @@ def check_inputs(state: dict[str, Any], shape: Sequence[int], n: int,
     return np.ascontiguousarray(x, np.float32), f"{name} test split, {data_dir}"
 
 
-def ort_session(path: Path) -> Any:
-    """A CPU ONNX Runtime session; full graph optimisation, as a deployment would run it."""
+def ort_session(path: Path, fake_quant: bool = False) -> Any:
+    """A CPU ONNX Runtime session; full graph optimisation, as a deployment would run it.
+
+    `fake_quant`: run a Q/DQ graph as written (float ops between Quantize and Dequantize)
+    instead of fusing it into ONNX Runtime's int8 kernels, whose int16 accumulation saturates
+    on CPUs without VNNI: how a TensorRT int8 graph's numerics are emulated here."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if fake_quant:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     # A check, not a benchmark: idle threads sleep instead of spinning, which on a busy
     # machine would steal the cores PyTorch needs for the reference.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -132,11 +141,27 @@ def check_segments(paths: Sequence[tuple[Path, str]], x: np.ndarray,
 def failure_message(failed: Sequence[CheckReport]) -> str:
     parts = []
     for r in failed:
-        if r.max_rel is None:
+        if r.min_agreement is not None and r.top1_agreement is not None:
+            parts.append(f"exit {r.exit} ({r.file}): top-1 agreement with PyTorch "
+                         f"{r.top1_agreement:.1%} < {r.min_agreement:.1%}"
+                         + (f", {r.note}" if r.note else ""))
+        elif r.max_rel is None:
             parts.append(f"exit {r.exit} ({r.file}): {r.note or 'check failed'}")
         else:
             parts.append(f"exit {r.exit} ({r.file}): max abs error {r.max_abs:.3g}, relative "
                          f"{r.max_rel:.3g} > {r.tolerance:g}" + (f", {r.note}" if r.note else ""))
+    if all(r.min_agreement is not None for r in failed):
+        return ("the int8 files disagree with PyTorch: " + "; ".join(parts) + ". Nothing was "
+                "written; calibrate on more images (--calibration-images), export fp32, or "
+                "lower --int8-agreement if the loss is acceptable")
     return ("ONNX Runtime does not reproduce PyTorch for " + "; ".join(parts)
             + ". Nothing was written; try --exporter torchscript or another --opset, or raise "
             "--rtol if the difference is acceptable")
+
+
+def judge_int8(report: CheckReport, min_agreement: float) -> CheckReport:
+    """An int8 file passes on finite logits and top-1 agreement with PyTorch >= the bound."""
+    finite = not report.note.startswith("non-finite") and report.max_rel is not None
+    report.passed = finite and (report.top1_agreement or 0.0) >= min_agreement
+    report.tolerance, report.min_agreement = None, min_agreement
+    return report

@@ -39,8 +39,11 @@ def engine_name(onnx_name: str) -> str:
 def build_engines(builder: EngineBuilder, stage: Staging, cap: graph.Capture,
                   model: MultiExitNet, files: dict[int, dict[str, FileEntry]], x: np.ndarray,
                   calibration: Callable[[], np.ndarray], out_dir: Path,
-                  rtol: float) -> list[CheckReport]:
-    """Build an engine for every ONNX file in `files`; adds their entries to `files`."""
+                  rtol: float, calibration_record: dict[str, Any] | None = None
+                  ) -> list[CheckReport]:
+    """Build an engine for every ONNX file in `files`; adds their entries to `files`.
+    int8 engines are calibrated on `calibration()` (training images, calibration_set.py),
+    which `calibration_record` describes in the manifest."""
     opts = builder.options
     with tempfile.TemporaryDirectory(prefix="byot-trt-") as tmp:
         workdir = Path(tmp)
@@ -72,6 +75,11 @@ def build_engines(builder: EngineBuilder, stage: Staging, cap: graph.Capture,
     for (k, kind), entry in entries.items():
         if (k, kind) in extra and entry.engine is not None:
             entry.engine["higher_precision"] = extra[(k, kind)]
+        entry.precision = opts.precision
+        if opts.precision == "int8" and calibration_record is not None:
+            entry.calibration = {**calibration_record, "scheme": {
+                "format": "QDQ", "activations": "int8 (symmetric)", "weights": "int8",
+                "per_channel": True, "method": "MinMax", "ops": ["Conv", "Gemm"]}}
         files[k][kind] = entry
     return reports + build_reports
 
@@ -92,12 +100,13 @@ def _int8_check(path: Path, name: str, k: int, kind: str, x: np.ndarray, refs: A
     """The Q/DQ graph in ONNX Runtime against PyTorch's fp32 logits: int8's own error, reported
     (not judged: it depends on the data and the calibration, not on the export)."""
     inp = refs["segment_inputs"][k] if kind == SEGMENT_ONNX else x
-    session = ort_session(path)
+    session = ort_session(path, fake_quant=True)  # TensorRT's numerics, not the CPU kernels'
     got = session.run(None, {session.get_inputs()[0].name: inp})[-1]
     label = name.removesuffix(".onnx") + ".int8.onnx"
     report = compare(label, k, "int8_onnx", got, refs["exits"][k], rtol)
     report.passed = bool(np.isfinite(got).all())
     report.tolerance = None
     report.note = ("*.int8.onnx: the Q/DQ graph the int8 engines are built from (not kept), "
-                   "against PyTorch fp32; int8 error is reported, not judged")
+                   "run unfused (fake-quantized) against PyTorch fp32; int8 error is reported, "
+                   "not judged")
     return report

@@ -9,6 +9,7 @@ manifest (merged with what the folder held) written.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,24 +82,30 @@ def export_checkpoint(
     trt_options: TrtOptions | None = None,
     progress: Callable[[str], None] | None = None,
     exporter: graph.Exporter = "auto",
+    precision: str | None = None,
+    calibration_images: int | None = None,
+    int8_agreement: float | None = None,
 ) -> tuple[Manifest, list[CheckReport]]:
     """Export exits (default: all) of `checkpoint` into `out_dir`; see the module docstring.
 
     `formats`: "onnx" always happens (engines are built from the ONNX files); "trt" adds a
     TensorRT engine per written file. `batch`: a static batch size (default: a dynamic
-    "batch" axis). Raises ByotError, writing nothing, if any check fails.
+    "batch" axis). `precision` (default: `trt_options`'): int8 with "onnx" writes int8 ONNX
+    files (quantize.py), calibrated on `calibration_images` training images; with "trt" only,
+    fp32 ONNX files and int8 engines. Raises ByotError, writing nothing, if any check fails.
     """
     say = progress or (lambda _: None)
-    formats = _check_args(formats, batch, rtol, opset, exporter, trt_options)
+    precision = precision or (trt_options.precision if trt_options else "fp32")
+    formats = _check_args(formats, batch, rtol, opset, exporter)
+    _check_precision(precision, formats, calibration_images, int8_agreement)
+    if trt_options is not None:  # one precision for the whole export (caller's copy kept)
+        trt_options = dataclasses.replace(trt_options, precision=precision)
     out = Path(out_dir)
     builder = None
     if "trt" in formats:  # before the long part: a missing TensorRT fails at once
         from byot_edge.export.trt_build import EngineBuilder, TrtOptions
 
-        builder = EngineBuilder(trt_options or TrtOptions(), say)
-        if builder.options.precision == "int8" and data_dir is None:
-            raise ByotError("--precision int8 calibrates on real images: pass --data-dir "
-                            "(and --dataset if the checkpoint does not name it)")
+        builder = EngineBuilder(trt_options or TrtOptions(precision=precision), say)
     existing = _existing_manifest(out)
     model, state = _load(checkpoint)
     wanted = sorted(set(exits or range(1, model.num_exits + 1)))
@@ -107,10 +114,18 @@ def export_checkpoint(
     if builder is not None:
         builder.check_batch(batch)
 
+    spec = input_spec(state, model)
+    calib = None
+    if precision == "int8":  # before the long part: missing data fails at once
+        from byot_edge.export.calibration_set import DEFAULT_IMAGES, calibration_set
+
+        n_cal = calibration_images or (builder.options.calibration_samples if builder
+                                       else DEFAULT_IMAGES)
+        calib = calibration_set(state, spec.shape, n_cal, data_dir, dataset)
+        say(f"int8: calibrating on {n_cal} {calib.record['dataset']} training images")
     say(f"capturing {model.config.arch} ({model.num_exits} exits) as ONNX")
     cap = graph.capture(model, batch=batch, opset=opset, exporter=exporter)
     say(f"captured with the {cap.exporter} exporter, opset {cap.opset}")
-    spec = input_spec(state, model)
     x, source = check_inputs(state, spec.shape, batch or CHECK_SAMPLES, data_dir, dataset)
     say(f"checking on {len(x)} inputs: {source}")
     meta = _metadata(state, model, spec)
@@ -134,14 +149,19 @@ def export_checkpoint(
         failed = [r for r in reports if not r.passed]
         if failed:
             raise ByotError(failure_message(failed))
+        if calib is not None and "onnx" in formats:
+            reports += _quantize(stage, cap, model, files, calib, int8_agreement, meta, say)
         weights = _stage_weights(stage, state, spec, batch)
         if builder is not None:
             from byot_edge.export.engines import build_engines
 
-            n_cal = builder.options.calibration_samples
+            # int8: its Q/DQ graph is checked on held-out images, as the int8 ONNX files are.
             engine_reports = build_engines(
-                builder, stage, cap, model, files, x, out_dir=out, rtol=rtol,
-                calibration=lambda: check_inputs(state, spec.shape, n_cal, data_dir, dataset)[0])
+                builder, stage, cap, model, files,
+                x if calib is None or batch else calib.check_images,
+                out_dir=out, rtol=rtol,
+                calibration=lambda: calib.images if calib is not None else x,
+                calibration_record=calib.record if calib is not None else None)
             reports += engine_reports
             bad = [r for r in engine_reports if not r.passed]
             if bad:
@@ -153,6 +173,7 @@ def export_checkpoint(
                          dataset=str((state.get("data") or {}).get("dataset", "")),
                          root=out)
         manifest = merge(existing, fresh, Written(files, weights), say)
+        _one_onnx_precision(manifest, out)
         # Validate before anything is renamed: a manifest that cannot be saved aborts cleanly.
         from byot_edge.manifest import validate_manifest_dict
 
@@ -164,11 +185,9 @@ def export_checkpoint(
 
 
 def _check_args(formats: tuple[str, ...], batch: int | None, rtol: float, opset: int | None,
-                exporter: str, trt_options: TrtOptions | None) -> tuple[str, ...]:
+                exporter: str) -> tuple[str, ...]:
     """Everything that can be checked before the long part, so a typo fails at once."""
     import onnx
-
-    from byot_edge.export.trt_build import PRECISIONS
 
     expanded = {f for fmt in formats for f in (FORMATS if fmt == "all" else (fmt,))}
     unknown = expanded - set(FORMATS)
@@ -182,14 +201,79 @@ def _check_args(formats: tuple[str, ...], batch: int | None, rtol: float, opset:
     if opset is not None and not graph.MIN_OPSET <= opset <= newest:
         raise ByotError(f"--opset {opset} is out of range: the exporters here write opsets "
                         f"{graph.MIN_OPSET}..{newest} (default {graph.DEFAULT_OPSET})")
-    if trt_options is not None and trt_options.precision not in PRECISIONS:
-        raise ByotError(f"unknown --precision {trt_options.precision!r}; choose one of: "
-                        f"{', '.join(PRECISIONS)}")
     if batch is not None and batch < 1:
         raise ByotError(f"--batch must be >= 1, got {batch}; leave it out for a dynamic batch")
     if not rtol > 0:
         raise ByotError(f"--rtol must be > 0, got {rtol}")
     return tuple(f for f in FORMATS if f in expanded)
+
+
+def _check_precision(precision: str, formats: tuple[str, ...], calibration_images: int | None,
+                     int8_agreement: float | None) -> None:
+    from byot_edge.export.trt_build import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ByotError(f"unknown --precision {precision!r}; choose one of: "
+                        f"{', '.join(PRECISIONS)}")
+    if precision == "fp16" and "trt" not in formats:
+        raise ByotError("--precision fp16 is for TensorRT engines: add --format trt (ONNX "
+                        "files are fp32, or int8 for ONNX Runtime on the CPU)")
+    if precision == "int8" and formats == ("onnx", "trt"):
+        # ONNX Runtime's CPU kernels want uint8 activations with 7-bit weights here; TensorRT
+        # takes symmetric int8 only: two different graphs, two folders.
+        raise ByotError("--precision int8 quantizes ONNX files for ONNX Runtime (--format "
+                        "onnx) and TensorRT engines (--format trt) differently: export them "
+                        "into two folders, one --format each")
+    if precision != "int8" and (calibration_images is not None or int8_agreement is not None):
+        raise ByotError("--calibration-images and --int8-agreement only apply with "
+                        "--precision int8")
+    if calibration_images is not None and calibration_images < 1:
+        raise ByotError(f"--calibration-images must be >= 1, got {calibration_images}: int8 "
+                        "is calibrated on real training images (e.g. 512)")
+    if int8_agreement is not None and not 0 <= int8_agreement <= 1:
+        raise ByotError(f"--int8-agreement is a fraction in [0, 1], got {int8_agreement}")
+
+
+def _quantize(stage: Staging, cap: graph.Capture, model: MultiExitNet,
+              files: dict[int, dict[str, FileEntry]], calib: Any, agreement: float | None,
+              meta: Callable[[int, str], dict[str, Any]],
+              say: Callable[[str], None]) -> list[CheckReport]:
+    """The fp32 files, checked, give way to their int8 cuts (quantize.py)."""
+    from byot_edge.export import quantize
+
+    scheme = quantize.Scheme()
+    say(f"quantizing the network (QDQ, {scheme.activations} activations, per-channel int8 "
+        "weights)")
+    held_out = calib.check_images
+    if cap.batch:  # a static batch: whole batches only (the references must match them)
+        held_out = held_out[:len(held_out) // cap.batch * cap.batch]
+        if len(held_out) == 0:
+            raise ByotError(f"--batch {cap.batch} is static and fewer held-out images are left "
+                            "to check the int8 files on: ask for fewer --calibration-images "
+                            "or a smaller --batch")
+    job = quantize.Int8Export(
+        quantize.quantize_capture(cap, calib.images, scheme), held_out,
+        calib.check_source, {**calib.record, "scheme": scheme.record()},
+        quantize.DEFAULT_MIN_AGREEMENT if agreement is None else agreement)
+    say(f"checking the int8 files on {len(calib.check_images)} images: {calib.check_source}")
+    reports = quantize.int8_files(job, stage, model, files, meta, _stage_onnx)
+    for r in reports:
+        say(_line(r))
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise ByotError(failure_message(failed))
+    return reports
+
+
+def _one_onnx_precision(manifest: Manifest, out: Path) -> None:
+    """A cascade mixing fp32 and int8 files (kept from an earlier export) would serve one
+    precision's segments under the other's exits: refuse it before anything is renamed."""
+    seen = {f.precision: f.path for e in manifest.exits for kind, f in e.files.items()
+            if kind in (TRUNCATED_ONNX, SEGMENT_ONNX)}
+    if len(seen) > 1:
+        listed = ", ".join(f"{p} ({path})" for p, path in sorted(seen.items()))
+        raise ByotError(f"{out} would hold ONNX files of several precisions: {listed}; export "
+                        "into a fresh --out, or re-export every exit (and --segments) there")
 
 
 def _existing_manifest(out: Path) -> Manifest | None:

@@ -43,26 +43,19 @@ def int8_capture(cap: graph.Capture, calibration: np.ndarray, workdir: Path) -> 
     """The whole fp32 graph with Q/DQ pairs, calibrated on `calibration` (normalised images)."""
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 32)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {graph.INPUT: np.ascontiguousarray(batch)}
+    from byot_edge.export.quantize import Reader
 
     src, dst = workdir / "whole.onnx", workdir / "whole.int8.onnx"
     onnx.save(cap.model, src)
     with _quiet_quantizer():
         quantize_static(
-            str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), Reader(calibration, cap.batch), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
             op_types_to_quantize=["Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
             # TensorRT takes symmetric int8 only, and fp32 biases (it folds them itself).
@@ -102,13 +95,16 @@ def _requantize_input(sub: onnx.ModelProto, whole: onnx.ModelProto) -> None:
     q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
     if q is None or q.op_type != "QuantizeLinear":
         return
-    requantized = f"{name}_requantized"
+    # Names of their own: the runtime joins segments into one graph (onnx_join), where the
+    # previous segment's quantizer-made pair for this tensor is kept too.
+    requantized, quantized = f"{name}_requantized", f"{name}_requantized_q"
     for node in sub.graph.node:
         node.input[:] = [requantized if n == name else n for n in node.input]
-    pair = [onnx.helper.make_node("QuantizeLinear", [name, *q.input[1:]], [f"{name}_q"],
-                                  name=f"{name}_QuantizeLinear", **_attrs(q)),
-            onnx.helper.make_node("DequantizeLinear", [f"{name}_q", *dq.input[1:]],
-                                  [requantized], name=f"{name}_DequantizeLinear", **_attrs(dq))]
+    pair = [onnx.helper.make_node("QuantizeLinear", [name, *q.input[1:]], [quantized],
+                                  name=f"{name}_requantize_QuantizeLinear", **_attrs(q)),
+            onnx.helper.make_node("DequantizeLinear", [quantized, *dq.input[1:]],
+                                  [requantized], name=f"{name}_requantize_DequantizeLinear",
+                                  **_attrs(dq))]
     have = {i.name for i in sub.graph.initializer}
     for init in whole.graph.initializer:
         if init.name in {*q.input[1:], *dq.input[1:]} - have:

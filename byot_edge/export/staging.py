@@ -33,6 +33,10 @@ class Staging:
     def path(self, name: str) -> Path:
         return self._staged[name]
 
+    def drop(self, name: str) -> None:
+        """Forget a staged file (checked, but not to be written: an int8 export's fp32 cuts)."""
+        self._staged.pop(name).unlink(missing_ok=True)
+
     def commit(self) -> list[Path]:
         done = []
         for name, tmp in self._staged.items():

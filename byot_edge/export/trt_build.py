@@ -7,8 +7,9 @@ RTX (`tensorrt_rtx`, same build API). What differs is how precision gets in:
 - strongly typed (TensorRT >= 10.12, 11.x, TensorRT-RTX: the flags are deprecated or gone):
   the precision lives in the graph, so fp16 is a float16 capture of the network and int8 a
   Q/DQ graph (see precision.py), each with float32 inputs and outputs.
-int8 always uses explicit Q/DQ quantization calibrated on `--data-dir` images (the implicit
-calibrator API is deprecated since 10.1 and gone in 11).
+int8 always uses explicit Q/DQ quantization calibrated on training images from `--data-dir`
+(calibration_set.py: the same picks as the int8 ONNX files; the implicit calibrator API,
+IInt8EntropyCalibrator2, is deprecated since 10.1 and gone in 11).
 
 Engines only run on the TensorRT version and GPU they were built for, so each engine's
 manifest record says which (plus precision, profile and source file); the runtime refuses
