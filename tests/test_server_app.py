@@ -4,6 +4,7 @@ readiness, the CLI's front door. Tests of `byot-edge serve` itself are in test_s
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import threading
@@ -456,3 +457,23 @@ def test_a_request_is_validated_once(model: GatedModel, x: np.ndarray,
                    headers={"Content-Type": "application/x-npy"})
     assert r.status_code == 200, r.text
     assert sorted(calls) == ["batch", "options"]
+
+
+def test_per_exit_thresholds_given_as_a_list_do_not_stop_the_batcher(
+        deployed: Deployed, x: np.ndarray) -> None:
+    """The batcher groups requests by their options: a list of thresholds was unhashable,
+    the worker died, and every later request got 503."""
+    model = AnytimeModel.load(deployed.manifest, threads=1)
+    values = [0.5] * (model.num_exits - 1)
+    assert PredictOptions(threshold=values) == PredictOptions(threshold=tuple(values))
+
+    async def go() -> tuple[int, bool]:
+        batcher = Batcher(model, max_batch=8, max_wait_ms=0)
+        batcher.start()
+        try:
+            answer = await batcher.submit(x[:2], PredictOptions(threshold=values))
+            return len(answer.result.indices), batcher.alive
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()) == (2, True)

@@ -72,6 +72,12 @@ class PredictOptions:
     criterion: str | None = None  # default: the calibrated one, else max_softmax
     stat: str = "p50"  # which profiled latency a budget is compared with
 
+    def __post_init__(self) -> None:
+        # The batcher groups requests by their options: a list would be unhashable (and
+        # stop its worker), and [0.9] must group with (0.9,).
+        if isinstance(self.threshold, Sequence) and not isinstance(self.threshold, tuple):
+            object.__setattr__(self, "threshold", tuple(self.threshold))
+
     def validate(self, num_exits: int) -> None:
         if self.exit is not None and (self.threshold is not None or self.budget_ms is not None):
             raise ByotError("choose either exit, or threshold and/or budget_ms, not both")
