@@ -21,7 +21,8 @@ import byot_edge  # noqa: F401  (sets the OpenMP wait policy before torch starts
 from byot_edge.checkpoint import load_checkpoint, load_model
 from byot_edge.datasets import dataset_info, load_arrays
 from byot_edge.evaluate import evaluate
-from byot_edge.train import config_from_recipe, train
+from byot_edge.train import train
+from byot_edge.train_config import config_from_recipe
 
 METHODS = ("byot", "dsn", "plain")
 

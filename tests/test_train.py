@@ -11,7 +11,8 @@ from byot_edge.checkpoint import load_checkpoint, load_model
 from byot_edge.datasets import dataset_info, load_arrays
 from byot_edge.errors import ByotError
 from byot_edge.evaluate import evaluate
-from byot_edge.train import Diverged, config_from_recipe, train
+from byot_edge.train import Diverged, train
+from byot_edge.train_config import config_from_recipe
 
 
 def _synthetic_cfg(out: Path, **kw):

@@ -128,8 +128,8 @@ def train(
     import torch
 
     from byot_edge.checkpoint import load_checkpoint
-    from byot_edge.train import config_from_recipe, resume_config
     from byot_edge.train import train as run_training
+    from byot_edge.train_config import config_from_recipe, resume_config
 
     if threads is not None:
         if threads < 1:
