@@ -5,16 +5,16 @@ and against PyTorch eager, per exit; ratios from one interleaved run.
 
 Three ways to get exit k's logits for the same input: a bare InferenceSession on exitK.onnx
 (same thread settings), our backend's `run` (name checks, sha-verified load), and the whole
-`AnytimeModel.run(exit=k)` (input validation, softmax, the answer arrays). Target: ours at
-most 1.10x the bare session. Rounds alternate the three, so a shared machine's drift hits
-them alike; each figure is the median over rounds of p50 latencies.
+`AnytimeModel.run(exit=k)` (input validation, softmax, the answer arrays), and PyTorch
+eager. Target: ours at most 1.10x the bare session. They are timed through the package's
+harness (byot_edge.timing.interleave) in turns of --runs calls, --rounds turns each, so a
+shared machine's drift hits them alike; each figure is the p50 over all their calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import byot_edge  # noqa: F401  (sets the OpenMP wait policy before torch starts)
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.backends import EXIT, artifact_name, get_backend
-from byot_edge.runtime.profile import time_call
+from byot_edge.timing import interleave
 
 
 def _ways(bare: Any, model: AnytimeModel, torch_backend: Any, name: str, ort_input: str,
@@ -68,14 +68,12 @@ def main() -> None:
             io = model.backend.load(name)
             tio = torch_backend.load(name)
             ways = _ways(bare, model, torch_backend, name, io.input, tio.input, x, k)
-            p50 = {w: [] for w in ways}
-            for _ in range(args.rounds):
-                for w, fn in ways.items():
-                    p50[w].append(time_call(fn, warmup=5, runs=args.runs, max_seconds=2)["p50"])
-            med = {w: statistics.median(v) for w, v in p50.items()}
-            results.append({"batch": batch, "exit": k, "p50_ms": med})
+            timed = interleave(ways, warmup=5, runs=args.rounds * args.runs, block=args.runs,
+                               max_seconds=2 * args.rounds)
+            p50 = {w: t.stats.p50 for w, t in timed.items()}
+            results.append({"batch": batch, "exit": k, "p50_ms": p50})
     print(f"{manifest.model['arch']} on {model.backend.device}, {args.threads} thread(s); "
-          f"median over {args.rounds} rounds of p50")
+          f"p50 over {args.rounds} interleaved rounds of {args.runs} calls")
     print(f"{'batch':>5} {'exit':>4} {'bare ms':>8} {'backend/bare':>13} {'anytime/bare':>13} "
           f"{'torch/bare':>11}")
     for r in results:

@@ -2,9 +2,9 @@
 
 For each exit k, `exit{k}.onnx` in ONNX Runtime (CPU) and `truncate(k)` in PyTorch eager run
 the same input at batch 1 and 32; with `--simplify`, the onnxslim-simplified graph runs too
-(checked against the original first). The runs are interleaved repetition by repetition, in
-one process, so machine noise hits every variant alike: the ratios are what to compare, the
-milliseconds are for this machine only.
+(checked against the original first). The runs are interleaved call by call through the
+package's harness (byot_edge.timing.interleave), in one process, so machine noise hits every
+variant alike: the ratios are what to compare, the milliseconds are for this machine only.
 
     python benchmarks/export_check.py --checkpoint runs/r18/best.pt --out /tmp/xc
     python benchmarks/export_check.py --arch resnet18 --width 1.0 --simplify --out /tmp/xc
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+
+from byot_edge.timing import interleave
 
 
 def say(msg: str) -> None:
@@ -78,17 +79,8 @@ def simplified(path: Path) -> tuple[bytes, int, int]:
 def time_interleaved(runners: dict[str, Callable[[], Any]], repeats: int,
                      warmup: int) -> dict[str, dict[str, float]]:
     """Median and p90 ms per runner; each repetition runs every runner once, in turn."""
-    for _ in range(warmup):
-        for run in runners.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"median_ms": statistics.median(t),
-                   "p90_ms": float(np.percentile(t, 90))} for name, t in times.items()}
+    timed = interleave(runners, warmup=warmup, runs=repeats, block=1, max_seconds=math.inf)
+    return {name: {"median_ms": t.stats.p50, "p90_ms": t.stats.p90} for name, t in timed.items()}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:

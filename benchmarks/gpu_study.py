@@ -24,6 +24,7 @@ is then 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -32,6 +33,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 import byot_edge  # noqa: F401  (OpenMP wait policy; gpu_study.sh also exports it)
+from byot_edge.timing import Timed, interleave, summarize
 
 # Dense bf16 matrix rate of the lent H200 as measured there (8192^3 bf16 matmul: about
 # 790 TFLOP/s on random data; the datasheet's 990 is not reached): the ceiling that achieved
@@ -237,33 +240,54 @@ def test_images(args: argparse.Namespace, manifest: dict[str, Any],
     return ((x / 255.0 - mean) / std).astype(np.float32), y, source
 
 
-def _time_calls(run: Callable[[np.ndarray], Any], images: np.ndarray, labels: np.ndarray,
-                batch: int, calls: int, start: int, cuda: bool, acc: dict[str, Any]) -> int:
-    """`calls` timed calls on consecutive batches from image `start`; adds to `acc`."""
-    for i in range(calls):
-        lo = (start + i * batch) % (len(images) - batch + 1)
+@dataclass(frozen=True)
+class _Call:
+    """One timed call of a runtime mode: its answer, the true labels, its CUDA-event ms."""
+
+    result: Any
+    labels: np.ndarray
+    cuda_ms: float | None
+
+
+def _mode_call(run: Callable[[np.ndarray], Any], images: np.ndarray, labels: np.ndarray,
+               batch: int, cuda: bool) -> Callable[[], _Call]:
+    """A call of `run` on the next `batch` test images (consecutive, wrapping round). On CUDA
+    it brackets the run with events and waits for the last, so the harness's wall clock
+    ends after the GPU has."""
+    calls = itertools.count()
+
+    def call() -> _Call:
+        lo = next(calls) * batch % (len(images) - batch + 1)
         x, y = images[lo:lo + batch], labels[lo:lo + batch]
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        t = time.perf_counter()
+        if not cuda:
+            return _Call(run(x), y, None)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         result = run(x)
-        wall = (time.perf_counter() - t) * 1e3
-        if cuda:
-            end.record()
-            end.synchronize()
-            acc["cuda_ms"].append(begin.elapsed_time(end))
-        acc["wall_ms"].append(wall)
-        acc["correct"] += int((result.indices == y).sum())
-        acc["samples"] += batch
-        acc["exits"] += np.bincount(result.exits, minlength=len(acc["exits"]))[:len(acc["exits"])]
-    return start + calls * batch
+        end.record()
+        end.synchronize()
+        return _Call(result, y, begin.elapsed_time(end))
+
+    return call
 
 
 def _stats(ms: list[float]) -> dict[str, float]:
-    s = sorted(ms)
-    return {"median": statistics.median(s), "p90": s[min(len(s) - 1, int(0.9 * len(s)))],
-            "mean": statistics.mean(s)}
+    s = summarize(ms)
+    return {"median": s.p50, "p90": s.p90, "mean": s.mean}
+
+
+def _mode_row(name: str, batch: int, timed: Timed[_Call], num_exits: int) -> dict[str, Any]:
+    calls = timed.results
+    cuda_ms = [c.cuda_ms for c in calls if c.cuda_ms is not None]
+    st = _stats(cuda_ms or timed.ms)
+    samples = batch * len(calls)
+    exits = sum(np.bincount(c.result.exits, minlength=num_exits + 1)[:num_exits + 1]
+                for c in calls)
+    return {"mode": name, "batch": batch, "calls": len(calls),
+            "timer": "cuda events" if cuda_ms else "wall clock",
+            "ms": st, "wall_ms": _stats(timed.ms), "images_per_s": batch * 1e3 / st["mean"],
+            "top1": sum(int((c.result.indices == c.labels).sum()) for c in calls) / samples,
+            "exit_share": (exits[1:] / samples).tolist()}
 
 
 def runtime(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
@@ -288,30 +312,16 @@ def runtime(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
         for k in range(1, num_exits + 1)}
     modes["cascade"] = model.run  # the manifest's calibrated thresholds
 
-    def fresh() -> dict[str, Any]:
-        return {"cuda_ms": [], "wall_ms": [], "correct": 0, "samples": 0,
-                "exits": np.zeros(num_exits + 1, np.int64)}
-
     rows = []
     for batch, calls in ((1, args.rt_calls_b1), (32, args.rt_calls_b32)):
         model.warmup(batch)
-        accs = {m: fresh() for m in modes}
-        for run in modes.values():  # untimed: first calls allocate and pick kernels
-            _time_calls(run, images, labels, batch, 3, 0, cuda, fresh())
-        start = {m: 0 for m in modes}
-        for _ in range(args.rt_rounds):  # modes take turns, so drift hits them alike
-            for name, run in modes.items():
-                start[name] = _time_calls(run, images, labels, batch, calls, start[name],
-                                          cuda, accs[name])
-        for name, a in accs.items():
-            timed = a["cuda_ms"] or a["wall_ms"]
-            st = _stats(timed)
-            rows.append({"mode": name, "batch": batch, "calls": len(timed),
-                         "timer": "cuda events" if a["cuda_ms"] else "wall clock",
-                         "ms": st, "wall_ms": _stats(a["wall_ms"]),
-                         "images_per_s": batch * 1e3 / st["mean"],
-                         "top1": a["correct"] / a["samples"],
-                         "exit_share": (a["exits"][1:] / a["samples"]).tolist()})
+        # 3 untimed calls first (they allocate and pick kernels), then the modes take turns
+        # of `calls` calls, --rt-rounds each, so drift hits them alike
+        timed = interleave({name: _mode_call(run, images, labels, batch, cuda)
+                            for name, run in modes.items()},
+                           warmup=3, runs=args.rt_rounds * calls, block=calls,
+                           max_seconds=math.inf)
+        rows += [_mode_row(name, batch, t, num_exits) for name, t in timed.items()]
         log(f"runtime batch {batch}: " + ", ".join(
             f"{r['mode']} {r['ms']['median']:.3f} ms" for r in rows if r["batch"] == batch))
     model.close()

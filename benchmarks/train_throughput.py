@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ from torch import nn
 import byot_edge  # noqa: F401  (sets the OpenMP wait policy before torch spins up threads)
 from byot_edge.losses import LossConfig
 from byot_edge.models import create_model
+from byot_edge.timing import interleave
 from byot_edge.train import amp_dtype_for, training_step
 
 
@@ -83,16 +84,41 @@ def _build_variant(v: Variant, args: argparse.Namespace,
     return lambda: training_step(step_model, x, y, opt, scaler, cfg, amp)
 
 
-def _time_variant(step: Callable[[], torch.Tensor], args: argparse.Namespace,
-                  device: torch.device) -> float:
-    for _ in range(args.warmup):  # the first round's warm-up also compiles
-        step()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    return args.steps * args.batch / (time.perf_counter() - t)
+def _steps(step: Callable[[], torch.Tensor], n: int,
+           device: torch.device) -> Callable[[], None]:
+    """`n` training steps, returning once the device has finished them."""
+    def run() -> None:
+        for _ in range(n):
+            step()
+        _sync(device)
+    return run
+
+
+def _time_variants(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace,
+                   device: torch.device) -> dict[str, list[float]]:
+    """img/s of each round of each variant: a round is --warmup untimed steps, then --steps
+    timed ones; rounds take turns (byot_edge.timing.interleave), so drift hits all alike."""
+    timed = interleave({name: _steps(step, args.steps, device) for name, step in steps.items()},
+                       warmup=0, runs=args.rounds, block=1, max_seconds=math.inf,
+                       setup={name: _steps(step, args.warmup, device)
+                              for name, step in steps.items()})
+    return {name: [args.steps * args.batch * 1e3 / ms for ms in t.ms]
+            for name, t in timed.items()}
+
+
+def _compiled(variants: list[Variant], steps: dict[str, Callable[[], torch.Tensor]],
+              args: argparse.Namespace, device: torch.device) -> dict[str, str]:
+    """Compile the torch.compile variants with their first warm-up step; {name: error} of
+    those that fail (a compiler toolchain is needed; the eager figures stand without)."""
+    failed = {}
+    for v in variants:
+        if v.compile:
+            try:
+                _steps(steps[v.name], 1, device)()
+            except Exception as e:
+                print(f"{v.name}: failed, left out ({type(e).__name__}: {e})"[:300])
+                failed[v.name] = f"{type(e).__name__}: {e}"[:500]
+    return failed
 
 
 def _step_flops(v: Variant, args: argparse.Namespace, device: torch.device) -> int:
@@ -157,22 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     variants = _variants(args, device)
     steps = {v.name: _build_variant(v, args, device) for v in variants}
-    runs: dict[str, list[float]] = {v.name: [] for v in variants}
-    failed: dict[str, str] = {}
-    for _ in range(args.rounds):
-        for v in variants:
-            if v.name in failed:
-                continue
-            try:
-                runs[v.name].append(_time_variant(steps[v.name], args, device))
-            except Exception as e:
-                if not v.compile:
-                    raise
-                # torch.compile needs a working compiler toolchain; the eager figures stand
-                print(f"{v.name}: failed, left out ({type(e).__name__}: {e})"[:300])
-                failed[v.name] = f"{type(e).__name__}: {e}"[:500]
-                del runs[v.name]
+    failed = _compiled(variants, steps, args, device)
     variants = [v for v in variants if v.name not in failed]
+    runs = _time_variants({v.name: steps[v.name] for v in variants}, args, device)
     median = {k: statistics.median(v) for k, v in runs.items()}
     flops: dict[str, int] = {}
     if args.flops:

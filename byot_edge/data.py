@@ -13,8 +13,9 @@ import torch
 from byot_edge.datasets import DatasetInfo
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> normalised float."""
+def normalize_tensor(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW on the training device -> normalised float (the runtime's numpy twin is
+    `runtime.preprocess.normalise`)."""
     return (x.float() / 255 - mean) / std
 
 
@@ -58,7 +59,7 @@ class Batches:
             x = self.images[idx]
             if self.train:
                 x = self._augment(x)
-            x = normalize(x, self.mean, self.std)
+            x = normalize_tensor(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

@@ -83,13 +83,23 @@ MIN_RUNS = 5  # never fewer, whatever the time limit
 
 def interleave(fns: Mapping[str, Callable[[], T]], *, warmup: int = 10, runs: int = 100,
                max_seconds: float = 10.0, block: int = 10,
-               clock: Clock = time.perf_counter) -> dict[str, Timed[T]]:
+               clock: Clock = time.perf_counter,
+               setup: Mapping[str, Callable[[], object]] | None = None) -> dict[str, Timed[T]]:
     """Warm every function up (`warmup` untimed calls each), then time them in turns of
     `block` calls until each has `runs` calls or `max_seconds` per function have passed
-    (but at least MIN_RUNS each)."""
+    (but at least MIN_RUNS each; `math.inf`: no time limit).
+
+    `setup[name]`, where given, runs untimed before every timed call of `fns[name]`: work a
+    measurement needs done first but must not include (a training benchmark's warm-up
+    steps after the other variants had the device). A function that must wait for a device
+    (CUDA) synchronises inside itself, so the time it returns after is the time it took."""
     if runs < 1 or warmup < 0 or block < 1:
         raise ByotError(f"runs and block must be >= 1 and warmup >= 0, got runs={runs}, "
                         f"warmup={warmup}, block={block}")
+    unknown = set(setup or {}) - set(fns)
+    if unknown:
+        raise ByotError(f"setup for functions that are not timed: {sorted(unknown)}")
+    before = setup or {}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -104,7 +114,10 @@ def interleave(fns: Mapping[str, Callable[[], T]], *, warmup: int = 10, runs: in
     while more():
         for name, fn in fns.items():
             t = timed[name]
+            prepare = before.get(name)
             for _ in range(min(block, runs - len(t.ms))):
+                if prepare is not None:
+                    prepare()
                 t0 = clock()
                 out = fn()
                 t.ms.append((clock() - t0) * 1e3)

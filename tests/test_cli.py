@@ -17,12 +17,9 @@ def _run(*args: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    r = _run("train", "--dataset", "synthetic", "--width", "0.125", "--epochs", "1",
-             "--batch-size", "64", "--max-train-samples", "256", "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
+def trained(interrupted):
+    """A finished CLI run (the uninterrupted one the resume tests compare with)."""
+    return interrupted / "straight"
 
 
 def test_help_explains_with_examples():

@@ -37,8 +37,10 @@ def workspace(tmp_path_factory) -> Path:
                             "1", "--batch-size", "64", "--max-train-samples", "128",
                             "--out", str(run)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", str(run / "best.pt"), "--segments", "--out",
-                            str(ws / "deploy")])
+    # TorchScript: a second to capture where the default exporter takes ten; these cases
+    # test the commands' input checks, not the exporter (tests/test_export_onnx.py does)
+    r = runner.invoke(app, ["export", str(run / "best.pt"), "--segments", "--exporter",
+                            "torchscript", "--out", str(ws / "deploy")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", str(run / "best.pt"), "--split", "val", "--save-logits",
                             str(ws / "val.npz")])
@@ -158,6 +160,7 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("export", "run/best.pt", "--format", "foo", "--out", "new_deploy"), ("--format", "foo")),
     (("export", "run/best.pt", "--batch-range", "1,2", "--out", "new_deploy"),
      ("--batch-range",)),
+    (("export", "run/best.pt", "--exit", ",", "--out", "new_deploy"), ("--exit", "1,3")),
     (("export", "run/best.pt", "--batch", "0", "--out", "new_deploy"), ("--batch",)),
     (("export", "run/best.pt", "--opset", "5", "--out", "new_deploy"), ("--opset",)),
     (("export", "run/best.pt", "--exporter", "foo", "--out", "new_deploy"),
@@ -173,6 +176,7 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("predict", M, "bomb.png"), ("bomb.png", "too large")),
     (("predict", M, IMG, "--exit", "9"), ("exit", "9")),
     (("predict", M, IMG, "--threshold", "abc"), ("--threshold",)),
+    (("predict", M, IMG, "--threshold", ","), ("--threshold", "0.9,0.8")),
     (("predict", M, IMG, "--threshold", "nan"), ("threshold", "[0, 1]")),
     (("predict", M, IMG, "--backend", "foo"), ("foo",)),
     (("predict", M, IMG, "--stat", "foo"), ("foo",)),
@@ -260,3 +264,16 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, monkeypatch
         assert needle in out, out
     assert _snapshot(workspace) == before
     assert not (workspace / "pwned").exists()
+
+
+def test_csv_values_one_parser_for_every_list_option() -> None:
+    from byot_edge.cli.app import csv_values
+    from byot_edge.errors import ByotError
+
+    assert csv_values("1, 8,32,", int, "--batch", "positive integers", minimum=1) == [1, 8, 32]
+    assert csv_values("0.9,0.5", float, "--threshold", "numbers") == [0.9, 0.5]
+    assert csv_values(" ", int, "--feature-exits", "exit numbers", empty_ok=True) == []
+    for text, kw in (("", {}), (",", {}), ("1,x", {}), ("0,1", {"minimum": 1}),
+                     ("1,2", {"count": 3}), ("1,2,3,4", {"count": 3})):
+        with pytest.raises(ByotError, match=r"^--opt takes what it takes like 1,2, got "):
+            csv_values(text, int, "--opt", "what it takes like 1,2", **kw)

@@ -9,8 +9,11 @@ Runtime independently of the exporter's own checks, against the full network's f
 from __future__ import annotations
 
 import collections
+import json
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,7 +23,7 @@ from conftest import make_checkpoint
 
 from byot_edge.checkpoint import load_model
 from byot_edge.export.exporter import export_checkpoint
-from byot_edge.export.metadata import validate_metadata
+from byot_edge.export.metadata import read_metadata
 from byot_edge.fileio import sha256_file
 from byot_edge.manifest import (
     SEGMENT_ONNX,
@@ -31,6 +34,10 @@ from byot_edge.models import list_models
 from byot_edge.runtime.backends.onnx_join import join_segments
 
 RTOL = 1e-4
+# What a lone ONNX file says about itself (for Netron and onnx users; the runtime reads the
+# manifest): every written file must match the schema the package documents it with.
+METADATA_SCHEMA = json.loads(
+    resources.files("byot_edge.export").joinpath("onnx_metadata.schema.json").read_text())
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -157,7 +164,8 @@ def test_manifest_and_metadata(exported):
         assert [t.name for t in seg_file.outputs] == ([f"section{k}"] if k < k_max else []) + [
             "logits"]
         for f, kind in ((exit_file, "exit"), (seg_file, "segment")):
-            meta = validate_metadata(onnx.load(out / f.path, load_external_data=False), f.path)
+            meta = read_metadata(onnx.load(out / f.path, load_external_data=False))
+            jsonschema.validate(meta, METADATA_SCHEMA)
             assert meta["byot_edge.exit"] == k and meta["byot_edge.num_exits"] == k_max
             assert meta["byot_edge.kind"] == kind
             assert meta["byot_edge.class_names"] == manifest.class_names

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -89,6 +90,27 @@ def torch_device(name: str, option: str = "--device") -> str:
     except RuntimeError:
         raise ByotError(f"{option} {name!r} is not a device; use cpu, cuda or cuda:N") from None
     return name
+
+
+N = TypeVar("N", int, float)
+
+
+def csv_values(text: str, convert: Callable[[str], N], option: str, expect: str, *,
+               minimum: N | None = None, count: int | None = None,
+               empty_ok: bool = False) -> list[N]:
+    """An option's comma-separated values ("1,8,32"; empty items skipped), else a ByotError
+    naming the option and what it takes: `expect`, e.g. "positive integers like 1,8,32".
+    `empty_ok`: an empty text means no values (not a mistake)."""
+    if empty_ok and not text.strip():
+        return []
+    try:
+        values = [convert(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if (not values or (count is not None and len(values) != count)
+            or (minimum is not None and min(values) < minimum)):
+        raise ByotError(f"{option} takes {expect}, got {text!r}")
+    return values
 
 
 def at_least(value: float | None, low: float, option: str) -> None:

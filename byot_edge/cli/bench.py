@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from byot_edge.cli.app import app, at_least, console, output_folder
+from byot_edge.cli.app import app, at_least, console, csv_values, output_folder
 from byot_edge.errors import ByotError
 
 EXAMPLE = """
@@ -19,17 +19,6 @@ Examples:
 
   byot-edge bench deploy/manifest.json --backend onnxruntime --data-dir /usr/share/datasets/fashion-mnist --out bench/
 """
-
-
-def _csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ByotError(f"--batch takes comma-separated positive integers like 1,8,32, got "
-                        f"{text!r}")
-    return values
 
 
 @app.command(epilog=EXAMPLE)
@@ -58,7 +47,8 @@ def bench(
 
     from byot_edge.bench import run_bench, write_report
 
-    batches = _csv_ints(batch)
+    batches = csv_values(batch, int, "--batch", "comma-separated positive integers like 1,8,32",
+                         minimum=1)
     output_folder(out, "--out")
     for value, low, option in ((limit, 1, "--limit"), (eval_batch, 1, "--eval-batch"),
                                (runs, 1, "--runs"), (warmup, 0, "--warmup")):

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from byot_edge.cli.app import app, console, output_folder
-from byot_edge.errors import ByotError
+from byot_edge.cli.app import app, console, csv_values, output_folder
 
 _EXAMPLE = (
     "Example: byot-edge export runs/cifar/best.pt --exit all --segments --out deploy/  "
@@ -21,20 +20,13 @@ _EXAMPLE = (
 def _parse_exits(value: str) -> list[int] | None:
     if value.strip().lower() == "all":
         return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ByotError(f"--exit takes an exit number (1..K), a list like 1,3, or 'all'; "
-                        f"got {value!r}") from None
+    return csv_values(value, int, "--exit", "an exit number (1..K), a list like 1,3, or 'all'")
 
 
 def _parse_range(value: str | None) -> tuple[int, int, int] | None:
     if value is None:
         return None
-    try:
-        lo, opt, hi = (int(v) for v in value.split(","))
-    except ValueError:
-        raise ByotError(f"--batch-range takes min,opt,max (e.g. 1,8,32); got {value!r}") from None
+    lo, opt, hi = csv_values(value, int, "--batch-range", "min,opt,max (e.g. 1,8,32)", count=3)
     return lo, opt, hi
 
 

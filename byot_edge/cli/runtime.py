@@ -12,7 +12,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from byot_edge.cli.app import app, at_least, console, err_console, output_file
+from byot_edge.cli.app import app, at_least, console, csv_values, err_console, output_file
 from byot_edge.errors import ByotError
 
 if TYPE_CHECKING:
@@ -61,27 +61,6 @@ def _show_warnings() -> Iterator[None]:
                                       soft_wrap=True)
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ByotError(f"{what} takes a number or comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str, what: str) -> list[int]:
-    """Positive integers, comma-separated (batch sizes)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise ByotError(f"{what} takes comma-separated positive integers like 1,8,32, got "
-                        f"{text!r}")
-    return values
-
-
 def _flops(text: str | None) -> float | None:
     """150M, 1.2G, 3e8 -> FLOPs."""
     if text is None:
@@ -125,7 +104,8 @@ def predict_command(
                                   **({"threads": threads} if threads else {}))
         batch = load_images(images, model.manifest.input)
         model.warmup()  # the table's ms should not include first-run initialisation
-        thresholds = _floats(threshold, "--threshold")
+        thresholds = None if threshold is None else csv_values(
+            threshold, float, "--threshold", "a number or comma-separated numbers like 0.9,0.8")
         opts = PredictOptions(
             thresholds[0] if thresholds and len(thresholds) == 1 else thresholds,
             budget_ms, exit_, criterion, stat)
@@ -252,7 +232,8 @@ def profile_command(
     from byot_edge.runtime.backends import get_backend
     from byot_edge.runtime.profile import NOISY, noise, profile_backend, store_profiles
 
-    batches = _ints(batch, "--batch")
+    batches = csv_values(batch, int, "--batch", "comma-separated positive integers like 1,8,32",
+                         minimum=1)
     for value, low, option in ((runs, 1, "--runs"), (warmup, 0, "--warmup"),
                                (threads, 1, "--threads")):
         at_least(value, low, option)

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from byot_edge.cli.app import app, console, output_folder
+from byot_edge.cli.app import app, console, csv_values, output_folder
 from byot_edge.errors import ByotError
 
 EXAMPLE = """
@@ -61,14 +61,6 @@ class ProgressReporter:
             f"exit {k} {a:.2%}" for k, a in enumerate(log.val_accuracy, 1))
             + f"  ensemble {log.val_ensemble:.2%}  ({log.seconds:.1f}s, "
               f"{log.images_per_s:,.0f} img/s)")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ByotError(f"--feature-exits takes comma-separated exit numbers like 1,2; got "
-                        f"{text!r}") from None
 
 
 @app.command(epilog=EXAMPLE)
@@ -139,7 +131,9 @@ def train(
               "out": str(out), "recipe": recipe, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "method": method,
               "alpha": alpha, "temperature": temperature, "feature_weight": feature_weight,
-              "feature_exits": _ints(feature_exits), "width": width, "stem": stem,
+              "feature_exits": tuple(csv_values(
+                  feature_exits, int, "--feature-exits",
+                  "comma-separated exit numbers like 1,2", empty_ok=True)), "width": width, "stem": stem,
               "image_size": image_size, "val_split": val_split,
               "max_train_samples": max_train_samples, "seed": seed, "device": device,
               "amp": amp, "channels_last": channels_last, "compile": compile, "cutout": cutout,

@@ -1,16 +1,19 @@
-"""What one ONNX file says about itself (`metadata_props`), so it serves without the manifest.
+"""What one ONNX file says about itself (`metadata_props`), for people and tools that open it.
 
-Keys are namespaced `byot_edge.*`; values are JSON text (ONNX metadata values are strings).
-`onnx_metadata.schema.json` in this package describes the decoded values.
+The runtime never reads this: it serves from the manifest, which holds the same facts and
+the sha256 that ties each file to them. The metadata is for a file that travels alone (a
+model zoo, a colleague's inbox): Netron lists it under the model's properties, and
+`onnx.load(f).metadata_props` or onnxruntime's `session.get_modelmeta().custom_metadata_map`
+return it, so the class names, the input's mean/std and which exit the file is can be read
+without the folder it came from. Keys are namespaced `byot_edge.*`; values are JSON text
+(ONNX metadata values are strings). `onnx_metadata.schema.json` in this package describes
+the decoded values (the export tests check every written file against it).
 """
 
 from __future__ import annotations
 
 import json
-from importlib import resources
 from typing import TYPE_CHECKING, Any
-
-from byot_edge.errors import ByotError
 
 if TYPE_CHECKING:
     import onnx
@@ -52,20 +55,3 @@ def write_metadata(proto: onnx.ModelProto, values: dict[str, Any]) -> None:
 def read_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
     """The decoded `byot_edge.*` metadata (keys with the prefix, as stored)."""
     return {p.key: json.loads(p.value) for p in proto.metadata_props if p.key.startswith(PREFIX)}
-
-
-def metadata_schema() -> dict[str, Any]:
-    text = resources.files("byot_edge.export").joinpath("onnx_metadata.schema.json").read_text()
-    return json.loads(text)
-
-
-def validate_metadata(proto: onnx.ModelProto, where: str = "ONNX file") -> dict[str, Any]:
-    import jsonschema
-
-    values = read_metadata(proto)
-    try:
-        jsonschema.validate(values, metadata_schema())
-    except jsonschema.ValidationError as e:
-        raise ByotError(f"{where} has invalid byot-edge metadata ({e.message}); re-export it "
-                        "with `byot-edge export`") from None
-    return values

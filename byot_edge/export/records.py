@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from byot_edge.export.graph import Shape
 from byot_edge.manifest import (
     SEGMENT_ONNX,
     SEGMENT_TRT,
@@ -25,8 +26,6 @@ from byot_edge.manifest import (
     TensorSpec,
 )
 from byot_edge.models import MultiExitNet
-
-Shape = list[int | str]
 
 
 def tensor_specs(specs: list[tuple[str, Shape]], dtype: str = "float32") -> list[TensorSpec]:

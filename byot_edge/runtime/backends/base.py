@@ -149,9 +149,6 @@ class Backend(ABC):
             self._io[artifact] = self._load(artifact)
         return self._io[artifact]
 
-    def io(self, artifact: str) -> ArtifactIO:
-        return self.load(artifact)
-
     def run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         io = self.load(artifact)
         if set(inputs) != {io.input}:
