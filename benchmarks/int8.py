@@ -138,16 +138,16 @@ def profile_and_calibrate(folder: Path, args: argparse.Namespace) -> dict[str, A
             "val_expected_latency_ms": c.latency_ms, "val_exit_fractions": list(c.fractions)}
 
 
-def cascade_test(model: Any, x: np.ndarray, labels: np.ndarray,
+def cascade_test(model: Any, x: np.ndarray, labels: np.ndarray, options: Any = None,
                  chunk: int = 500) -> dict[str, Any]:
-    """Test top-1 and exit shares of the runtime's cascade under the manifest's thresholds,
-    and of its deepest exit alone."""
+    """Test top-1 and exit shares of the runtime's cascade under the manifest's thresholds
+    (or `options`'), and of its deepest exit alone."""
     from byot_edge.runtime.anytime import PredictOptions
 
     k_max = model.num_exits
     exits, hits, deepest_hits = [], 0, 0
     for i in range(0, len(x), chunk):
-        r = model.run(x[i:i + chunk])
+        r = model.run(x[i:i + chunk], options)
         exits.append(r.exits)
         hits += int((r.indices == labels[i:i + chunk]).sum())
         d = model.run(x[i:i + chunk], PredictOptions(exit=k_max))
@@ -191,18 +191,25 @@ def cascade_rows(args: argparse.Namespace, fp32_dir: Path, int8_dir: Path) -> di
     models = {p: AnytimeModel.load(d, threads=args.threads)
               for p, d in (("fp32", fp32_dir), ("int8", int8_dir))}
     x, labels = test_split(load_manifest(fp32_dir), args.data_dir, args.test_limit)
+    # What serving the int8 files with thresholds fitted on fp32 logits gives (the mismatch
+    # the runtime warns about).
+    mismatched = PredictOptions(threshold=fitted["fp32"]["thresholds"])
     test = {p: cascade_test(m, x, labels) for p, m in models.items()}
+    test["int8 files, fp32 thresholds"] = cascade_test(models["int8"], x, labels, mismatched)
     k_max = models["fp32"].num_exits
     timed = cascade_latency({
         "fp32 deepest exit": (models["fp32"], PredictOptions(exit=k_max)),
         "fp32 cascade": (models["fp32"], PredictOptions()),
         "int8 cascade": (models["int8"], PredictOptions()),
         "int8 deepest exit": (models["int8"], PredictOptions(exit=k_max)),
+        "int8 files, fp32 thresholds": (models["int8"], mismatched),
     }, x, args.cascade_runs)
     base_ms, base_top1 = timed["fp32 deepest exit"]["mean"], test["fp32"]["deepest_top1"]
     rows = []
     for name, stats in timed.items():
         precision, what = name.split(" ", 1)
+        if name in test:
+            precision, what = name, "cascade"
         t = test[precision]
         top1 = t["top1"] if what == "cascade" else t["deepest_top1"]
         rows.append({"what": name, "test_top1": top1,

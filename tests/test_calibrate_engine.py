@@ -165,6 +165,7 @@ def test_old_thresholds_load_as_pytorch_fp32(cal_folder):
     (None, ["--precision", "fp16"], ("--precision fp16", "runs int8 files")),
     (None, ["--logits", "x.npz"], ("exactly one of --logits", "not both")),
     (None, ["--backend", "foo"], ("foo",)),
+    (None, ["--backend", "torch", "--precision", "int8"], ("fp32 weights", "onnxruntime")),
     ("no_split", [], ("--val-split 0", "retrain")),
     ("no_record", [], ("does not record", "re-export")),
     ("cifar", [], ("validation split", "cifar-10-batches-py")),
@@ -192,3 +193,20 @@ def test_bad_engine_calibration_inputs_are_clear_errors(folder, tmp_path, change
         assert needle in flat, r.output
     assert "thresholds" not in json.loads((folder / "manifest.json").read_text()) or \
         json.loads((folder / "manifest.json").read_text())["thresholds"] is None
+
+
+def test_static_batch_files_are_fed_whole_batches(tmp_path):
+    """An fp32 export with a static --batch 64: the 200 validation images go in as four
+    batches of 64, the last padded (ONNX Runtime refuses any other size), and come back as
+    200 samples in the split's order."""
+    ckpt = make_checkpoint(tmp_path / "best.pt",
+                           train_config={"method": "byot", "val_split": 0.1, "seed": 0})
+    out = tmp_path / "static"
+    export_checkpoint(ckpt, out, segments=True, batch=64, exporter="torchscript")
+    cal = calibrate_engine(out / "manifest.json", tmp_path, threads=1,
+                           save_logits=tmp_path / "static.npz")
+    val = load_logits(tmp_path / "static.npz")
+    assert val.logits.shape[:2] == (K, 200) and cal.num_samples == 200
+    assert (val.backend, val.precision) == ("onnxruntime", "fp32")
+    data, _ = validation_arrays(load_manifest(out), tmp_path)
+    assert np.array_equal(val.labels, data.labels)

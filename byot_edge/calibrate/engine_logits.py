@@ -60,6 +60,10 @@ def validation_arrays(manifest: Manifest, data_dir: str | Path) -> tuple[Arrays,
 def check_precision(backend: Backend, precision: str | None) -> str:
     """The precision of the files `backend` runs; a ByotError when it is not the one asked."""
     found = backend.files_precision()
+    if precision is not None and precision != found and backend.file_kinds is None:
+        raise ByotError(f"--precision {precision}: the {backend.name} backend runs the fp32 "
+                        "weights, never the folder's ONNX files; use --backend onnxruntime "
+                        f"for {precision} files (or tensorrt for engines)")
     if precision is not None and precision != found:
         folder = backend.manifest.root
         how = ("`byot-edge export CHECKPOINT --segments --precision int8 --data-dir DIR --out "
