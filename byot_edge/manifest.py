@@ -88,6 +88,21 @@ class Thresholds:
     temperatures: list[float] | None = None
     source: str = ""  # what they were calibrated on
     expected: dict[str, float] = field(default_factory=dict)  # accuracy, cost... at calibration
+    # Whose logits they were fitted on: a backend name and the precision of the files it ran.
+    # Before calibration on the deployed engine existed, thresholds came only from `byot-edge
+    # eval` logits, i.e. PyTorch in fp32: what manifests without these fields load as.
+    backend: str = "torch"
+    precision: str = "fp32"
+
+
+@dataclass
+class ValidationSplit:
+    """The images training held out for validation (`train_val_split` of the training split
+    with this fraction and seed): what `calibrate --data-dir` runs the deployed files on."""
+
+    dataset: str
+    fraction: float  # of the training split; 0: training held nothing out
+    seed: int
 
 
 @dataclass
@@ -101,6 +116,8 @@ class Manifest:
     weights: FileEntry | None = None
     thresholds: Thresholds | None = None
     latency_profiles: list[LatencyProfile] = field(default_factory=list)
+    # None in manifests exported before it was recorded.
+    validation: ValidationSplit | None = None
     version: int = MANIFEST_VERSION
     root: Path = field(default=Path("."), repr=False, compare=False)  # not serialised
 
@@ -165,12 +182,14 @@ class Manifest:
                  for e in d["exits"]]
         th = d.get("thresholds")
         weights = d.get("weights")
+        val = d.get("validation")
         return cls(
             model=d["model"], class_names=d["class_names"], input=InputSpec(**d["input"]),
             exits=exits, dataset=d.get("dataset", ""),
             weights=file_entry(weights) if weights else None,
             thresholds=Thresholds(**th) if th else None,
             latency_profiles=[LatencyProfile.from_dict(p) for p in d.get("latency_profiles", [])],
+            validation=ValidationSplit(**val) if val else None,
             version=d["version"], root=root,
         )
 

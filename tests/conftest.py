@@ -22,6 +22,7 @@ def make_checkpoint(
     width: float = 0.125,
     seed: int = 0,
     dataset: str = "synthetic",
+    train_config: dict | None = None,
 ) -> Path:
     """An untrained (randomly initialised, BN statistics perturbed) checkpoint."""
     torch.manual_seed(seed)
@@ -43,7 +44,7 @@ def make_checkpoint(
             "std": [0.25] * in_chans,
             "class_names": [f"class{i}" for i in range(num_classes)],
         },
-        "train_config": {"method": "byot"},
+        "train_config": train_config or {"method": "byot"},
         "epoch": 1,
         "model": model.state_dict(),
         "metrics": {"val_accuracy": [0.1] * model.num_exits},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -13,11 +14,13 @@ from byot_edge.calibrate import (
     Costs,
     ValLogits,
     calibrate,
+    calibrate_manifest,
     fit_temperature,
     load_logits,
     manifest_costs,
     msdnet_thresholds,
     plot_calibration,
+    save_val_logits,
     threshold_grid,
     write_thresholds,
 )
@@ -173,6 +176,25 @@ def test_load_logits_checks_the_file(tmp_path: Path) -> None:
             np.savez(path, **arrays)
         with pytest.raises(ByotError, match=pattern):
             load_logits(path)
+
+
+def test_logits_from_eval_calibrate_as_pytorch_fp32(tmp_path: Path) -> None:
+    """`byot-edge eval --save-logits` files say nothing of a backend: PyTorch in fp32, and
+    the thresholds say so; files that name one (engine logits) are taken at their word."""
+    v = val_logits(k=4, n=200)
+    small_manifest(tmp_path)
+    eval_file = tmp_path / "val.npz"
+    np.savez(eval_file, logits=v.logits, labels=v.labels, split="val", dataset="synthetic",
+             exits=np.arange(1, 5))
+    calibrate_manifest(tmp_path / "manifest.json", eval_file, max_drop=1.0)
+    th = load_manifest(tmp_path).thresholds
+    assert (th.backend, th.precision) == ("torch", "fp32")
+    engine_file = tmp_path / "engine.npz"
+    save_val_logits(engine_file, dataclasses.replace(load_logits(eval_file),
+                                                     backend="onnxruntime", precision="int8"))
+    calibrate_manifest(tmp_path / "manifest.json", engine_file, max_drop=1.0)
+    th = load_manifest(tmp_path).thresholds
+    assert (th.backend, th.precision) == ("onnxruntime", "int8")
 
 
 def test_test_split_is_warned_about() -> None:

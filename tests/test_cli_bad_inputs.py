@@ -71,6 +71,7 @@ def workspace(tmp_path_factory) -> Path:
         "short_thresholds": lambda d: d["thresholds"].update(values=[0.5]),
         "bad_thresholds": lambda d: d["thresholds"].update(values=[2, -1, 0.5]),
         "one_class": lambda d: d.update(class_names=["only"]),
+        "no_val_split": lambda d: d["validation"].update(fraction=0),
     }.items():
         folder = ws / name
         shutil.copytree(ws / "deploy", folder)
@@ -194,6 +195,16 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("calibrate", M, "--logits", "val.npz", "--criterion", "foo"), ("foo",)),
     (("calibrate", M, "--logits", "val.npz", "--latency-budget-ms", "1"), ("profile",)),
     (("calibrate", M, "--logits", "val.npz", "--rows", "0"), ("--rows",)),
+    (("calibrate", M), ("exactly one of --logits", "--data-dir")),
+    (("calibrate", M, "--logits", "val.npz", "--data-dir", "."), ("exactly one", "not both")),
+    (("calibrate", M, "--logits", "val.npz", "--precision", "int8"),
+     ("--precision", "only apply with --data-dir")),
+    (("calibrate", M, "--data-dir", ".", "--precision", "int8"),
+     ("--precision int8", "fp32 files", "--precision int8 --data-dir")),
+    (("calibrate", M, "--data-dir", ".", "--precision", "int4"), ("int4",)),
+    (("calibrate", M, "--data-dir", ".", "--backend", "foo"), ("foo",)),
+    (("calibrate", "no_val_split/manifest.json", "--data-dir", "."),
+     ("--val-split 0", "no held-out validation split")),
     # profile
     (("profile", "missing.json"), ("missing.json",)),
     (("profile", M, "--batch", "a"), ("--batch",)),

@@ -128,6 +128,9 @@ def deploy(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("no-torch") / "deploy"
     shutil.copytree(src.manifest.parent, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
+    # As if trained with --val-split 0.1: `calibrate --data-dir` draws that split.
+    manifest["validation"] = {"dataset": "synthetic", "fraction": 0.1, "seed": 0}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     write_val_logits(folder / "val.npz", len(manifest["exits"]), len(manifest["class_names"]),
                      200, "synthetic")
     return folder
@@ -189,10 +192,12 @@ CLI = """
     ["profile", "{deploy}/manifest.json", "--batch", "1", "--runs", "3", "--warmup", "1",
      "--max-seconds", "0.2", "--threads", "1"],
     ["calibrate", "{deploy}/manifest.json", "--logits", "{deploy}/val.npz", "--max-drop", "1"],
+    ["calibrate", "{deploy}/manifest.json", "--data-dir", "{deploy}", "--backend",
+     "onnxruntime", "--precision", "fp32", "--max-drop", "1", "--threads", "1"],
     ["predict", "{deploy}/manifest.json", "{image}", "--threads", "1"],
     ["bench", "{deploy}/manifest.json", "--backend", "onnxruntime", "--batch", "1", "--runs",
      "3", "--max-seconds", "0.2", "--out", "{deploy}/bench"],
-], ids=["help", "profile", "calibrate", "predict", "bench"])
+], ids=["help", "profile", "calibrate", "calibrate-engine", "predict", "bench"])
 def test_deploy_commands_without_the_training_stack(deploy, tmp_path_factory, args):
     image = deployed_model(tmp_path_factory).images[0]
     argv = [a.format(deploy=deploy, image=image) for a in args]

@@ -1,8 +1,9 @@
 """The logits calibration chooses thresholds on, and the temperature fitted to them.
 
 The first source is a file that `byot-edge eval --split val --save-logits` wrote from the
-checkpoint; any other source (the deployed engine run on a validation set, say) makes a
-`ValLogits` the same way and hands it to `calibrate_logits`.
+checkpoint (PyTorch, fp32); the second, `calibrate.engine_logits`, runs the deployed files
+on the validation split through a runtime backend. Each says whose logits they are (backend
+and precision), which the thresholds record.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class ValLogits:
     split: str
     dataset: str
     path: Path
+    backend: str = "torch"  # whose logits: a runtime backend name ("torch": PyTorch)
+    precision: str = "fp32"  # of the files that backend ran
+    description: str = ""  # where they come from, for the thresholds' source (default: path)
 
     @property
     def num_exits(self) -> int:
@@ -56,7 +60,25 @@ def load_logits(path: str | Path) -> ValLogits:
         raise ByotError(f"{path} has labels outside 0..{logits.shape[2] - 1}")
     split = str(data["split"]) if "split" in data else "unknown"
     dataset = str(data["dataset"]) if "dataset" in data else ""
-    return ValLogits(logits.astype(np.float32), labels.astype(np.int64), split, dataset, path)
+    # Files from `byot-edge eval` say nothing: PyTorch, fp32. Engine logits saved by
+    # `calibrate --data-dir --save-logits` say which backend and precision.
+    backend = str(data["backend"]) if "backend" in data else "torch"
+    precision = str(data["precision"]) if "precision" in data else "fp32"
+    return ValLogits(logits.astype(np.float32), labels.astype(np.int64), split, dataset, path,
+                     backend, precision)
+
+
+def save_val_logits(path: str | Path, val: ValLogits) -> Path:
+    """`val` as a logits file `load_logits` reads back, whose logits they are included."""
+    from byot_edge.fileio import atomic_write
+
+    k = val.num_exits
+
+    def write(f: object) -> None:
+        np.savez(f, logits=val.logits, labels=val.labels, split=val.split, dataset=val.dataset,
+                 exits=np.arange(1, k + 1), backend=val.backend, precision=val.precision)
+
+    return atomic_write(path, write)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

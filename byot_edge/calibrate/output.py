@@ -8,8 +8,10 @@ from byot_edge.calibrate.candidates import Calibration
 from byot_edge.manifest import Manifest, Thresholds
 
 
-def write_thresholds(manifest: Manifest, cal: Calibration, source: str) -> Path:
-    """Store the chosen thresholds in the manifest, every other field untouched."""
+def write_thresholds(manifest: Manifest, cal: Calibration, source: str,
+                     backend: str = "torch", precision: str = "fp32") -> Path:
+    """Store the chosen thresholds in the manifest, every other field untouched; `backend`
+    and `precision` say whose logits they were fitted on."""
     c = cal.chosen
     expected: dict[str, float] = {
         "accuracy": c.accuracy, "deepest_accuracy": cal.deepest_accuracy,
@@ -24,7 +26,7 @@ def write_thresholds(manifest: Manifest, cal: Calibration, source: str) -> Path:
         if cal.exits_alone[-1].latency_ms:
             expected["deepest_latency_ms"] = float(cal.exits_alone[-1].latency_ms)
     manifest.thresholds = Thresholds(cal.criterion, list(c.thresholds), cal.temperatures,
-                                     source, expected)
+                                     source, expected, backend, precision)
     return manifest.save()
 
 

@@ -36,6 +36,8 @@ Examples:
   byot-edge calibrate deploy/manifest.json --logits val.npz --flops-budget 150M --criterion entropy --temperature
 
   byot-edge calibrate deploy/manifest.json --logits val.npz --latency-budget-ms 2.5
+
+  byot-edge calibrate deploy-int8/manifest.json --data-dir data/cifar10 --backend onnxruntime --precision int8
 """
 
 PROFILE_EXAMPLE = """
@@ -158,8 +160,23 @@ def _calibration_table(cal: Calibration, rows: int) -> Table:
 @app.command("calibrate", epilog=CALIBRATE_EXAMPLE)
 def calibrate_command(
     manifest: Annotated[Path, typer.Argument(help="manifest.json to write the thresholds into.")],
-    logits: Annotated[Path, typer.Option(
-        help="Validation logits from `byot-edge eval --split val --save-logits` (not test).")],
+    logits: Annotated[Path | None, typer.Option(
+        help="Validation logits from `byot-edge eval --split val --save-logits` (not test).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Instead of --logits: the dataset folder; runs the deployed files (--backend's) "
+             "on the validation split the training held out, and calibrates on their logits.")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="With --data-dir: the precision the backend's files must have (fp32, fp16, "
+             "int8); default: whatever they are.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="With --data-dir: where the backend runs (cpu, cuda, cuda:N).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="With --data-dir: CPU threads for onnxruntime/torch.")] = None,
+    save_logits: Annotated[Path | None, typer.Option(
+        help="With --data-dir: also save the engine's validation logits (.npz, for --logits).")
+    ] = None,
     max_drop: Annotated[float | None, typer.Option(
         help="Accuracy points the cascade may lose against the deepest exit; the least "
              "expected cost meeting it wins (the default, 0.5).")] = None,
@@ -176,7 +193,8 @@ def calibrate_command(
     temperature: Annotated[bool, typer.Option(
         help="Fit a temperature per exit on the logits first.")] = False,
     backend: Annotated[str | None, typer.Option(
-        help="Whose latency profile gives the costs (default: any; FLOPs without one).")] = None,
+        help="With --data-dir: the backend whose files run (default onnxruntime). Also whose "
+             "latency profile gives the costs (default: any; FLOPs without one).")] = None,
     batch: Annotated[int | None, typer.Option(
         help="Price the cascade with the profile at this batch size (default: the smallest "
              "profiled).")] = None,
@@ -186,19 +204,33 @@ def calibrate_command(
     ] = False,
     rows: Annotated[int, typer.Option(help="Most frontier rows to print.")] = 20,
 ) -> None:
-    """Choose per-exit confidence thresholds on validation logits and store them."""
-    from byot_edge.calibrate import calibrate_manifest
+    """Choose per-exit confidence thresholds on validation logits and store them: from a
+    logits file, or from the deployed files run on the validation split (--data-dir)."""
+    from byot_edge.calibrate import calibrate_engine, calibrate_manifest
 
     at_least(rows, 1, "--rows")
     at_least(batch, 1, "--batch")
+    at_least(threads, 1, "--threads")
     output_file(plot, "--plot")
+    output_file(save_logits, "--save-logits")
+    _check_logits_source(logits, data_dir, precision, device, threads, save_logits)
+    common = {"criterion": criterion, "temperature": temperature, "max_drop": max_drop,
+              "flops_budget": _flops(flops_budget), "latency_budget_ms": latency_budget_ms,
+              "max_worst_case": max_worst_case, "batch": batch, "plot": plot,
+              "write": not dry_run}
     with _show_warnings():
-        cal = calibrate_manifest(
-            manifest, logits, criterion=criterion, temperature=temperature, max_drop=max_drop,
-            flops_budget=_flops(flops_budget), latency_budget_ms=latency_budget_ms,
-            max_worst_case=max_worst_case, backend=backend, batch=batch, plot=plot,
-            write=not dry_run)
+        if data_dir is not None:
+            from byot_edge.runtime.backends import canonical_backend
+
+            cal = calibrate_engine(manifest, data_dir,
+                                   backend=canonical_backend(backend or "onnxruntime"),
+                                   precision=precision, device=device, threads=threads,
+                                   save_logits=save_logits, **common)
+        else:
+            cal = calibrate_manifest(manifest, logits, backend=backend, **common)  # type: ignore[arg-type]
     console.print(_calibration_table(cal, rows))
+    if save_logits:
+        console.print(f"wrote {save_logits}")
     if dry_run:
         console.print("dry run: the manifest was not changed")
     else:
@@ -206,6 +238,29 @@ def calibrate_command(
                       f"{manifest}")
     if plot:
         console.print(f"wrote {plot}")
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _check_logits_source(logits: Path | None, data_dir: Path | None, precision: str | None,
+                         device: str | None, threads: int | None,
+                         save_logits: Path | None) -> None:
+    """Exactly one of --logits and --data-dir; the engine's options only with --data-dir."""
+    if (logits is None) == (data_dir is None):
+        raise ByotError("give exactly one of --logits FILE (validation logits from `byot-edge "
+                        "eval --split val --save-logits`) and --data-dir DIR (run the deployed "
+                        "files on the validation split)"
+                        + (", not both" if logits is not None else ""))
+    engine_only = {"--precision": precision, "--device": device, "--threads": threads,
+                   "--save-logits": save_logits}
+    given = [flag for flag, v in engine_only.items() if v is not None]
+    if logits is not None and given:
+        raise ByotError(f"{', '.join(given)} only apply with --data-dir (the logits in "
+                        f"{logits} were computed already)")
+    if precision is not None and precision not in PRECISIONS:
+        raise ByotError(f"unknown --precision {precision!r}; choose one of: "
+                        f"{', '.join(PRECISIONS)}")
 
 
 @app.command("profile", epilog=PROFILE_EXAMPLE)

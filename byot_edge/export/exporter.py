@@ -38,6 +38,7 @@ from byot_edge.export.records import (
     merge,
     tensor_specs,
     val_accuracy,
+    validation_split,
 )
 from byot_edge.export.staging import Staging, staging
 from byot_edge.fileio import sha256_file
@@ -171,7 +172,7 @@ def export_checkpoint(
                          class_names=class_names(state, model.config.num_classes),
                          input=spec, exits=exit_entries(state, model),
                          dataset=str((state.get("data") or {}).get("dataset", "")),
-                         root=out)
+                         validation=validation_split(state), root=out)
         manifest = merge(existing, fresh, Written(files, weights), say)
         _one_onnx_precision(manifest, out)
         # Validate before anything is renamed: a manifest that cannot be saved aborts cleanly.

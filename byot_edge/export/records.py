@@ -24,6 +24,7 @@ from byot_edge.manifest import (
     InputSpec,
     Manifest,
     TensorSpec,
+    ValidationSplit,
 )
 from byot_edge.models import MultiExitNet
 
@@ -39,6 +40,17 @@ def input_spec(state: dict[str, Any], model: MultiExitNet) -> InputSpec:
     s = int(data.get("input_size", cfg.input_size))
     return InputSpec([c, s, s], "float32", "NCHW", [float(v) for v in data.get("mean", [0.0])],
                      [float(v) for v in data.get("std", [1.0])])
+
+
+def validation_split(state: dict[str, Any]) -> ValidationSplit | None:
+    """Which training images the checkpoint's training held out (fraction 0: none), so the
+    deployed files can be calibrated on exactly those; None when the checkpoint does not say
+    which dataset it was trained on."""
+    dataset = (state.get("data") or {}).get("dataset")
+    if not dataset:
+        return None
+    tc = state.get("train_config") or {}
+    return ValidationSplit(str(dataset), float(tc.get("val_split") or 0), int(tc.get("seed", 0)))
 
 
 def class_names(state: dict[str, Any], num_classes: int) -> list[str]:

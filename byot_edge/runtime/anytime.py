@@ -50,6 +50,7 @@ from byot_edge.runtime.policies import (
     exits_to_compute,
     softmax,
 )
+from byot_edge.runtime.precision import backend_precision_note, threshold_precision_note
 from byot_edge.runtime.preprocess import check_batch
 
 
@@ -134,6 +135,9 @@ class AnytimeModel:
         # (batch size, statistic) -> the profile's figures for this backend and device
         self._latencies: dict[tuple[int, str], Latencies | None] = {}
         self._calibrated: tuple[Thresholds, ConfidenceThresholds] | None = None
+        # Precision mismatches (runtime/precision.py), said through the warnings below
+        self._backend_note = backend_precision_note(manifest, backend)
+        self._threshold_note: tuple[Thresholds, str | None] | None = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
@@ -164,13 +168,15 @@ class AnytimeModel:
     def run_checked(self, x: np.ndarray, options: PredictOptions) -> CascadeResult:
         """`run` without checking again what the caller checked: `x` as check_batch returns
         it, `options` validated (a server checks each request once, on arrival)."""
-        notes: list[str] = []
+        notes: list[str] = [self._backend_note] if self._backend_note else []
         if options.exit is not None:
             result = self._fixed(x, options.exit, "exit")
         elif options.budget_ms is not None and options.threshold is None:
             result = self._fixed(x, self._exit_for_budget(len(x), options, notes), "budget")
         else:
             policy = self.threshold_policy(options.threshold, options.criterion)
+            if policy is not None and options.threshold is None:
+                notes += self._calibrated_precision_notes()
             if policy is None:
                 notes.append("no thresholds given and none calibrated in the manifest: answering "
                              "from the deepest exit; run `byot-edge calibrate` or pass threshold")
@@ -218,6 +224,17 @@ class AnytimeModel:
             return self._calibrated[1]
         crit = criterion or (cal.criterion if cal else "max_softmax")
         return ConfidenceThresholds.for_model(threshold, self.num_exits, crit, temps)
+
+    def _calibrated_precision_notes(self) -> list[str]:
+        """The warning when the manifest's thresholds were fitted on another precision than
+        the backend's files (worked out once per thresholds object)."""
+        cal = self.manifest.thresholds
+        if cal is None:
+            return []
+        if self._threshold_note is None or self._threshold_note[0] is not cal:
+            self._threshold_note = (cal, threshold_precision_note(cal, self.backend))
+        note = self._threshold_note[1]
+        return [note] if note else []
 
     def warmup(self, batch_size: int = 1) -> None:
         """Load every artifact and run each once, so the first request is not the slow one."""

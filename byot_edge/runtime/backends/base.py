@@ -164,6 +164,16 @@ class Backend(ABC):
         path = self.manifest.file_path(k, file_kind)
         return self.manifest.exit(k).files[file_kind], path
 
+    def files_precision(self) -> str:
+        """What the files this backend runs compute in: "fp32", "fp16" or "int8" ("mixed"
+        when the manifest lists several). A backend without files (torch) runs the fp32
+        weights."""
+        if self.file_kinds is None:
+            return "fp32"
+        found = {entry.files[kind].precision for kind in self.file_kinds.values()
+                 for entry in self.manifest.exits if kind in entry.files}
+        return found.pop() if len(found) == 1 else "mixed" if found else "fp32"
+
     def verify_files(self) -> None:
         """Check every file this backend would read against the manifest's sha256 now, so a
         server refuses a corrupt folder at start-up instead of failing its warm-up."""
