@@ -54,7 +54,8 @@ from byot_edge.manifest import (
 from byot_edge.models import MultiExitNet, model_from_config
 
 if TYPE_CHECKING:
-    from byot_edge.export.trt_build import TrtOptions
+    from byot_edge.export.calibration_set import CalibrationSet
+    from byot_edge.export.trt_build import EngineBuilder, TrtOptions
 
 FORMATS = ("onnx", "trt")
 WEIGHTS_NAME = "weights.pt"
@@ -118,12 +119,8 @@ def export_checkpoint(
     spec = input_spec(state, model)
     calib = None
     if precision == "int8":  # before the long part: missing data fails at once
-        from byot_edge.export.calibration_set import DEFAULT_IMAGES, calibration_set
-
-        n_cal = calibration_images or (builder.options.calibration_samples if builder
-                                       else DEFAULT_IMAGES)
-        calib = calibration_set(state, spec.shape, n_cal, data_dir, dataset)
-        say(f"int8: calibrating on {n_cal} {calib.record['dataset']} training images")
+        calib = _calibration_images(state, spec.shape, calibration_images, builder, data_dir,
+                                    dataset, say)
     say(f"capturing {model.config.arch} ({model.num_exits} exits) as ONNX")
     cap = graph.capture(model, batch=batch, opset=opset, exporter=exporter)
     say(f"captured with the {cap.exporter} exporter, opset {cap.opset}")
@@ -133,41 +130,14 @@ def export_checkpoint(
 
     with staging(out) as stage:
         files: dict[int, dict[str, FileEntry]] = {k: {} for k in wanted}
-        reports = []
-        for k in wanted:
-            name = exit_file(k)
-            proto = graph.truncated(cap, k)
-            entry = _stage_onnx(stage, name, proto, meta(k, "exit"))
-            ref = torch_outputs(model.truncate(k).eval(), x)[0]
-            reports.append(check_exit(stage.path(name), name, k, x, ref, rtol))
-            files[k][TRUNCATED_ONNX] = entry
-            say(_line(reports[-1]))
-        if segments:
-            seg_reports = _segments(stage, cap, model, x, rtol, meta, files)
-            reports += seg_reports
-            for r in seg_reports:
-                say(_line(r))
-        failed = [r for r in reports if not r.passed]
-        if failed:
-            raise ByotError(failure_message(failed))
+        reports = _stage_checked_onnx(stage, cap, model, wanted, segments, x, rtol, meta, files,
+                                      say)
         if calib is not None and "onnx" in formats:
             reports += _quantize(stage, cap, model, files, calib, int8_agreement, meta, say)
         weights = _stage_weights(stage, state, spec, batch)
         if builder is not None:
-            from byot_edge.export.engines import build_engines
-
-            # int8: its Q/DQ graph is checked on held-out images, as the int8 ONNX files are.
-            engine_reports = build_engines(
-                builder, stage, cap, model, files,
-                x if calib is None or batch else calib.check_images,
-                out_dir=out, rtol=rtol,
-                calibration=lambda: calib.images if calib is not None else x,
-                calibration_record=calib.record if calib is not None else None)
-            reports += engine_reports
-            bad = [r for r in engine_reports if not r.passed]
-            if bad:
-                raise ByotError("TensorRT engines do not match their ONNX files: " + "; ".join(
-                    f"exit {r.exit} ({r.file}): {r.note}" for r in bad) + ". Nothing was written")
+            reports += _stage_engines(builder, stage, cap, model, files, x, calib, batch, out,
+                                      rtol)
         fresh = Manifest(model=dict(state["model_config"]),
                          class_names=class_names(state, model.config.num_classes),
                          input=spec, exits=exit_entries(state, model),
@@ -183,6 +153,67 @@ def export_checkpoint(
     manifest.save()
     say(f"wrote {out / MANIFEST_NAME}")
     return manifest, reports
+
+
+def _calibration_images(state: dict[str, Any], shape: list[int], count: int | None,
+                        builder: EngineBuilder | None, data_dir: str | Path | None,
+                        dataset: str | None, say: Callable[[str], None]) -> CalibrationSet:
+    """The int8 calibration set: `count` training images (else the engine builder's or the
+    default number)."""
+    from byot_edge.export.calibration_set import DEFAULT_IMAGES, calibration_set
+
+    n_cal = count or (builder.options.calibration_samples if builder else DEFAULT_IMAGES)
+    calib = calibration_set(state, shape, n_cal, data_dir, dataset)
+    say(f"int8: calibrating on {n_cal} {calib.record['dataset']} training images")
+    return calib
+
+
+def _stage_checked_onnx(stage: Staging, cap: graph.Capture, model: MultiExitNet,
+                        wanted: list[int], segments: bool, x: np.ndarray, rtol: float,
+                        meta: Callable[[int, str], dict[str, Any]],
+                        files: dict[int, dict[str, FileEntry]],
+                        say: Callable[[str], None]) -> list[CheckReport]:
+    """Stage each wanted exit's truncated file (and the segments), each checked against
+    PyTorch; a ByotError naming the failures, before anything else is built."""
+    reports = []
+    for k in wanted:
+        name = exit_file(k)
+        proto = graph.truncated(cap, k)
+        entry = _stage_onnx(stage, name, proto, meta(k, "exit"))
+        ref = torch_outputs(model.truncate(k).eval(), x)[0]
+        reports.append(check_exit(stage.path(name), name, k, x, ref, rtol))
+        files[k][TRUNCATED_ONNX] = entry
+        say(_line(reports[-1]))
+    if segments:
+        seg_reports = _segments(stage, cap, model, x, rtol, meta, files)
+        reports += seg_reports
+        for r in seg_reports:
+            say(_line(r))
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise ByotError(failure_message(failed))
+    return reports
+
+
+def _stage_engines(builder: EngineBuilder, stage: Staging, cap: graph.Capture,
+                   model: MultiExitNet, files: dict[int, dict[str, FileEntry]], x: np.ndarray,
+                   calib: CalibrationSet | None, batch: int | None, out: Path,
+                   rtol: float) -> list[CheckReport]:
+    """A TensorRT engine per staged file, each checked against its ONNX file."""
+    from byot_edge.export.engines import build_engines
+
+    # int8: its Q/DQ graph is checked on held-out images, as the int8 ONNX files are.
+    reports = build_engines(
+        builder, stage, cap, model, files,
+        x if calib is None or batch else calib.check_images,
+        out_dir=out, rtol=rtol,
+        calibration=lambda: calib.images if calib is not None else x,
+        calibration_record=calib.record if calib is not None else None)
+    bad = [r for r in reports if not r.passed]
+    if bad:
+        raise ByotError("TensorRT engines do not match their ONNX files: " + "; ".join(
+            f"exit {r.exit} ({r.file}): {r.note}" for r in bad) + ". Nothing was written")
+    return reports
 
 
 def _check_args(formats: tuple[str, ...], batch: int | None, rtol: float, opset: int | None,
