@@ -21,6 +21,9 @@ class ServeConfig:
     default_top_k: int = 5
     warmup: bool = True
     shutdown_timeout_s: int = 30  # how long SIGTERM waits for in-flight requests
+    # POST /v1/predict's common case without FastAPI's per-request work (server.fast);
+    # False: every request through the FastAPI route (the same answers, slower).
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,
