@@ -110,6 +110,10 @@ class Answer:
     batch_size: int  # samples in the model run that answered it
     batch_requests: int  # requests in that run
     queue_ms: float  # from submit until its model run started
+    # The classes of each sample by falling probability, and those probabilities (rows of
+    # `probabilities`, ranked once per batch on the inference thread); None: unknown.
+    ranked_classes: np.ndarray | None = None
+    ranked_probabilities: np.ndarray | None = None
 
 
 @dataclass
@@ -118,6 +122,22 @@ class _Job:
     options: PredictOptions
     future: asyncio.Future[Answer]
     submitted: float
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the inference thread hands back for one batch."""
+
+    result: CascadeResult
+    probabilities: np.ndarray | None
+    ranked_classes: np.ndarray | None
+    ranked_probabilities: np.ndarray | None
+    exit_counts: dict[int, int]
+
+
+def _exit_counts(exits: np.ndarray) -> dict[int, int]:
+    ks, counts = np.unique(exits, return_counts=True)
+    return dict(zip(ks.tolist(), counts.tolist(), strict=True))
 
 
 def _slice(result: CascadeResult, s: slice) -> CascadeResult:
@@ -263,8 +283,7 @@ class Batcher:
         self._gauge()
         return jobs
 
-    def _infer(self, x: np.ndarray, options: PredictOptions
-               ) -> tuple[CascadeResult, np.ndarray | None]:
+    def _infer(self, x: np.ndarray, options: PredictOptions) -> _Run:
         # The runtime's warnings are in result.warnings (each answer carries them); here
         # they go to the log, once each, and a `-W error` setting cannot fail a batch.
         with warnings.catch_warnings(record=True) as caught:
@@ -274,13 +293,19 @@ class Batcher:
             if str(w.message) not in self._logged:
                 self._logged.add(str(w.message))
                 log.warning("%s", w.message)
-        return result, result.probabilities
+        probs = result.probabilities
+        if probs is None:
+            return _Run(result, None, None, None, _exit_counts(result.exits))
+        # Ranking per batch, here, rather than per request on the event loop.
+        order = np.argsort(-probs, axis=1, kind="stable")
+        return _Run(result, probs, order, np.take_along_axis(probs, order, axis=1),
+                    _exit_counts(result.exits))
 
     async def _run(self, options: PredictOptions, group: list[_Job]) -> None:
         x = group[0].x if len(group) == 1 else np.concatenate([j.x for j in group])
         started = time.perf_counter()
         try:
-            result, probs = await self.call(lambda: self._infer(x, options))
+            run = await self.call(lambda: self._infer(x, options))
         except Exception as e:  # this batch's requests fail; the worker goes on
             for job in group:
                 if not job.future.done():
@@ -288,10 +313,9 @@ class Batcher:
             return
         seconds = time.perf_counter() - started
         self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
+        result, probs = run.result, run.probabilities
         if self.metrics is not None:
-            ks, counts = np.unique(result.exits, return_counts=True)
-            self.metrics.observe_batch(len(x), len(group), seconds,
-                                       dict(zip(ks.tolist(), counts.tolist(), strict=True)))
+            self.metrics.observe_batch(len(x), len(group), seconds, run.exit_counts)
         at = 0
         for job in group:
             s = slice(at, at + len(job.x))
@@ -300,6 +324,8 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_ms / 1e3)
             if not job.future.done():
-                job.future.set_result(Answer(_slice(result, s),
-                                             None if probs is None else probs[s],
-                                             len(x), len(group), queue_ms))
+                job.future.set_result(Answer(
+                    _slice(result, s), None if probs is None else probs[s], len(x),
+                    len(group), queue_ms,
+                    None if run.ranked_classes is None else run.ranked_classes[s],
+                    None if run.ranked_probabilities is None else run.ranked_probabilities[s]))

@@ -42,10 +42,14 @@ def predict_document(answer: Answer, class_names: list[str], k: int,
     labels = _labels(indices, class_names)
     confidences = r.confidences.tolist()
     if answer.probabilities is not None:
-        p = np.asarray(answer.probabilities)
-        order = np.argsort(-p, axis=1, kind="stable")[:, :k]
-        top_index = order.tolist()
-        top_prob = np.take_along_axis(p, order, axis=1).tolist()
+        if answer.ranked_classes is not None and answer.ranked_probabilities is not None:
+            top_index = answer.ranked_classes[:, :k].tolist()  # ranked by the batcher
+            top_prob = answer.ranked_probabilities[:, :k].tolist()
+        else:
+            p = np.asarray(answer.probabilities)
+            order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+            top_index = order.tolist()
+            top_prob = np.take_along_axis(p, order, axis=1).tolist()
         tops = [[{"index": j, "label": name, "probability": q}
                  for j, name, q in zip(js, _labels(js, class_names), qs, strict=True)]
                 for js, qs in zip(top_index, top_prob, strict=True)]
