@@ -21,8 +21,16 @@ decoding counts against the server.
     python benchmarks/serve_load.py --manifest deploy/manifest.json --clients 1,8,32,64
     python benchmarks/serve_load.py --payload png --max-wait-ms 0 --out runs/serve-load
 
-The client is byot_edge.loadgen (raw asyncio HTTP, as the server tests use it). Writes
+Clients (--client): byot_edge.loadgen (raw asyncio HTTP, as the server tests use it; it
+checks every answer), or a C client when installed (wrk: HTTP/1.1 keep-alive; ab: HTTP/1.0,
+a new connection per request under uvicorn), see byot_edge.loadgen_native. Each row reports
+the client's CPU and the server's (its process tree, from /proc) per request, and the mean
+batch; with two CPUs or more, server and client are pinned apart with taskset
+(--server-cpus, --client-cpus; the direct runs share the client's CPUs). --server-pythonpath
+runs another checkout's server against the same direct reference (before/after). Writes
 OUT/serve_load.json and prints a table.
+
+    python benchmarks/serve_load.py --manifest deploy/manifest.json --client wrk --exit 2
 """
 
 from __future__ import annotations
@@ -97,7 +105,9 @@ def start_server(manifest: Path, args: argparse.Namespace) -> ServerProcess:
 
 def load(server: ServerProcess, args: argparse.Namespace, clients: int,
          payloads: list[Payload], params: dict[str, Any]) -> dict[str, Any]:
-    """One measured load on the server: the client's figures, its CPU and the server's."""
+    """One measured load on the server: the client's figures, its CPU and the server's,
+    and the mean batch (one worker's, with --workers)."""
+    batches = [server.metric(f"byot_edge_batch_size_{s}") for s in ("sum", "count")]
     before = native.cpu_seconds(server.proc.pid)
     if args.client == "python":
         cpu0 = time.process_time()
@@ -115,6 +125,9 @@ def load(server: ServerProcess, args: argparse.Namespace, clients: int,
             out = native.run_ab(url, p.content, p.content_type, clients, args.requests,
                                 args.client_cpus)
     after = native.cpu_seconds(server.proc.pid)
+    samples, runs = (server.metric(f"byot_edge_batch_size_{s}") - b
+                     for s, b in zip(("sum", "count"), batches, strict=True))
+    out["mean_batch"] = samples / runs if runs else None
     served = out["ok"] or 1
     out["server_cpu_ms_per_request"] = (None if before is None or after is None
                                         else (after - before) * 1e3 / served)
@@ -217,7 +230,7 @@ def row(c: int, srv: dict[str, Any], batched: dict[str, Any], one: dict[str, Any
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'clients':>7} | {'server rps':>10} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'srv cpu':>7} {'cli cpu':>7} | {'direct rps':>10} {'p50 ms':>7} {'cpu':>6} | "
-          f"{'rps x':>6} {'cpu x':>6} {'vs b=1':>6} | {'+p50 ms':>7}")
+          f"{'rps x':>6} {'cpu x':>6} {'vs b=1':>6} | {'+p50 ms':>7} {'batch':>5}")
     for r in rows:
         s, d, q = r["server"], r["direct_batched"], r["ratios"]
         srv_cpu = s["server_cpu_ms_per_request"] or float("nan")
@@ -225,7 +238,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{s['p99_ms']:>7.2f} {srv_cpu:>7.3f} {s['client_cpu_ms_per_request']:>7.3f} | "
               f"{d['throughput_rps']:>10.1f} {d['p50_ms']:>7.2f} {d['cpu_ms_per_sample']:>6.3f} "
               f"| {q['throughput_vs_batched']:>6.2f} {q['cpu_vs_batched'] or float('nan'):>6.2f} "
-              f"{q['throughput_vs_one_by_one']:>6.2f} | {r['overhead_p50_ms']:>7.2f}")
+              f"{q['throughput_vs_one_by_one']:>6.2f} | {r['overhead_p50_ms']:>7.2f} "
+              f"{s['mean_batch'] or float('nan'):>5.1f}")
     print("(cpu: ms of CPU per request, server process tree and client; direct: per sample)")
 
 

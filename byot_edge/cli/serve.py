@@ -114,8 +114,8 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(
         help="Most samples run together; also the most one request may hold.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
-        help="Longest the oldest waiting request waits for requests still being received "
-             "to share its batch (a lone request does not wait).")
+        help="Once the model is free, the longest a batch waits for requests still being "
+             "received to join it (a lone request does not wait).")
     ] = 2.0,
     max_queue: Annotated[int, typer.Option(
         help="Most prediction requests held at once; more get 503 with Retry-After.")] = 64,

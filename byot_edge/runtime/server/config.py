@@ -11,7 +11,7 @@ from byot_edge.runtime.decode import Limits
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch: int = 32  # samples per model run
-    max_wait_ms: float = 2.0  # longest the oldest request waits for ones being received
+    max_wait_ms: float = 2.0  # once the model is free, longest a batch waits for more
     max_queue: int = 64  # requests held at once once their body is in (decoding, queued, running)
     max_upload_mb: float = 10.0
     token: str | None = None  # bearer token for /v1/* and /metrics; None: no auth
