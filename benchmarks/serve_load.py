@@ -88,7 +88,7 @@ def direct(model: Any, x: np.ndarray, batch: int, requests: int, seconds: float,
 
 
 def start_server(manifest: Path, args: argparse.Namespace) -> ServerProcess:
-    argv = ["serve", str(manifest), "--host", HOST, "--port", "PORT", "--max-batch",
+    argv = ["serve", str(manifest.resolve()), "--host", HOST, "--port", "PORT", "--max-batch",
             str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue",
             str(args.max_queue), "--log-level", "warning"]
     if args.threads:
@@ -96,8 +96,11 @@ def start_server(manifest: Path, args: argparse.Namespace) -> ServerProcess:
     if args.workers > 1:
         argv += ["--workers", str(args.workers)]
     env = {"PYTHONPATH": args.server_pythonpath} if args.server_pythonpath else None
+    # `python -m` puts its working directory first on sys.path: with another checkout on
+    # PYTHONPATH, run from a neutral directory or this checkout's code would be served.
+    cwd = tempfile.gettempdir() if args.server_pythonpath else REPO
     try:
-        return loadgen.start_server(argv, env, cwd=REPO, timeout_s=120,
+        return loadgen.start_server(argv, env, cwd=cwd, timeout_s=120,
                                     prefix=native.pin(args.server_cpus))
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
