@@ -50,11 +50,15 @@ def cpu_seconds(pid: int) -> float | None:
     """CPU (user + system) of a process and its children's processes so far, from
     /proc (Linux); None elsewhere."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    try:
-        stats = {int(d): Path(f"/proc/{d}/stat").read_text()
-                 for d in os.listdir("/proc") if d.isdigit()}
-    except OSError:
+    if not Path("/proc").is_dir():
         return None
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stats[int(d)] = Path(f"/proc/{d}/stat").read_text()
+            except OSError:  # it ended meanwhile
+                continue
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for p, text in stats.items():

@@ -26,7 +26,7 @@ from byot_edge.errors import ByotError
 from byot_edge.manifest import load_manifest
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.backends import artifact_name
-from byot_edge.runtime.batching import Batcher
+from byot_edge.runtime.batching import Batcher, BatcherClosed
 from byot_edge.runtime.policies import softmax
 from byot_edge.runtime.preprocess import check_batch, load_images
 from byot_edge.runtime.server import PredictResponse, ServeConfig, ServerContext, create_app
@@ -605,3 +605,5 @@ def test_the_inference_thread_returns_results_and_errors() -> None:
 
     assert asyncio.run(calls()) == (42, "byot-infer")
     thread.shutdown()
+    with pytest.raises(BatcherClosed):  # not a future nobody would ever settle
+        asyncio.run(thread.call(lambda: 1))

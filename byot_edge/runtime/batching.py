@@ -71,6 +71,7 @@ class InferenceThread:
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._lock = threading.Lock()
+        self._stopped = False
 
     def _serve(self) -> None:
         while (item := self._calls.get()) is not None:
@@ -84,7 +85,9 @@ class InferenceThread:
 
     async def call(self, fn: Callable[[], T]) -> T:
         with self._lock:
-            if not self._thread.is_alive() and self._thread.ident is None:
+            if self._stopped:
+                raise BatcherClosed("the inference thread has stopped")
+            if self._thread.ident is None:  # started on first use
                 self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -92,7 +95,9 @@ class InferenceThread:
         return await future
 
     def shutdown(self) -> None:
-        """Finish the calls queued, then stop the thread."""
+        """Finish the calls queued, then stop the thread; later calls raise BatcherClosed."""
+        with self._lock:
+            self._stopped = True
         if self._thread.ident is not None:
             self._calls.put(None)
             self._thread.join()
