@@ -297,11 +297,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str,
 
 
 def start_server(argv: list[str], env: dict[str, str] | None = None, *,
-                 cwd: str | Path | None = None, timeout_s: float = 60) -> ServerProcess:
+                 cwd: str | Path | None = None, timeout_s: float = 60,
+                 prefix: list[str] | None = None) -> ServerProcess:
     """`byot-edge <argv>` in a child process, PORT in `argv` standing for a free loopback
-    port; returns once /readyz answers 200 (kills it and raises if it does not)."""
+    port; returns once /readyz answers 200 (kills it and raises if it does not). `prefix`:
+    a command to run it under, e.g. ["taskset", "-c", "0"]."""
     port = free_port()
-    cmd = [sys.executable, "-m", "byot_edge.cli", *(a.replace("PORT", str(port)) for a in argv)]
+    cmd = [*(prefix or []), sys.executable, "-m", "byot_edge.cli",
+           *(a.replace("PORT", str(port)) for a in argv)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=full_env, cwd=cwd)

@@ -591,3 +591,28 @@ def test_readme_serving_examples_are_the_tested_ones() -> None:
     assert len(blocks) == 3
     for block in blocks:
         assert block in docs
+
+
+def test_several_workers_share_the_port_and_stop_on_sigterm(deployed: Deployed,
+                                                            reference: AnytimeModel) -> None:
+    s = start_server(["serve", str(deployed.manifest), "--host", HOST, "--port", "PORT",
+                      "--threads", "1", "--workers", "2"])
+    try:
+        wait_until(lambda: s.log.count("model warm") == 2, 60, "both workers warm", s)
+        assert s.log.count("Started server process") == 2
+        with client(s.url) as c:
+            for _ in range(8):
+                assert_same(post_npy(c, GOOD, exit=2), reference.run(GOOD, PredictOptions(exit=2)))
+        assert s.stop() == 0, s.log
+        assert "server stopped" in s.log
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_workers_must_be_at_least_one(deployed: Deployed) -> None:
+    from typer.testing import CliRunner
+
+    from byot_edge.cli import app as cli_app
+
+    out = CliRunner().invoke(cli_app, ["serve", str(deployed.manifest), "--workers", "0"])
+    assert out.exit_code != 0 and "--workers" in out.output

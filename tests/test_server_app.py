@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +26,7 @@ from byot_edge.errors import ByotError
 from byot_edge.manifest import load_manifest
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.backends import artifact_name
-from byot_edge.runtime.batching import Batcher
+from byot_edge.runtime.batching import Batcher, BatcherClosed
 from byot_edge.runtime.policies import softmax
 from byot_edge.runtime.preprocess import check_batch, load_images
 from byot_edge.runtime.server import PredictResponse, ServeConfig, ServerContext, create_app
@@ -477,3 +479,151 @@ def test_per_exit_thresholds_given_as_a_list_do_not_stop_the_batcher(
             await batcher.close()
 
     assert asyncio.run(go()) == (2, True)
+
+
+# -- the fast path (server.fast) --------------------------------------------------------
+
+
+def _answers(c: httpx.Client, x: np.ndarray) -> list[tuple[int, Any]]:
+    """Status and body of a set of requests, timing fields left out."""
+    jpost = {"Content-Type": "application/json"}
+    npost = {"Content-Type": "application/x-npy"}
+    sent = [
+        (npy(x[:1]), npost, {}), (npy(x[:3]), npost, {"top_k": 3}),
+        (npy(x[:2]), npost, [("threshold", "0.5"), ("threshold", "0.6"), ("threshold", "0.7")]),
+        (npy(x[:1]), npost, {"exit": 2, "top_k": 1}),
+        (npy(x[0]), npost, {"threshold": "1e-1", "criterion": "entropy"}),
+        (json.dumps({"tensor": x[:2].tolist()}).encode(), jpost, {"exit": 3}),
+        # refusals: some from the fast path itself, some left to the route
+        (npy(x[:1]), npost, {"threshold": 1.5}), (npy(x[:1]), npost, {"exit": 0}),
+        (npy(x[:1]), npost, {"exit": "02"}), (npy(x[:1]), npost, {"exit": 2, "threshold": 0.5}),
+        (npy(x[:1]), npost, {"nope": 1}), (npy(x[:1]), npost, [("exit", "1"), ("exit", "2")]),
+        (npy(x[:1]), npost, {"budget_ms": "inf"}), (npy(x[:1]), npost, {"top_k": 999}),
+        (b"\x93NUMPY garbage", npost, {}), (npy(x[:1]), {"Content-Type": "text/plain"}, {}),
+        (npy(np.repeat(x[:1], 40, axis=0)), npost, {}), (b"[1, 2", jpost, {}),
+    ]
+    out = []
+    for body, headers, params in sent:
+        r = c.post("/v1/predict", content=body, headers=headers, params=params)
+        doc = r.json()
+        for key in ("latency_ms", "queue_ms", "batch_size"):
+            doc.pop(key, None)
+        for p in doc.get("predictions", []):
+            p.pop("model_ms")
+        out.append((r.status_code, doc))
+    return out
+
+
+def test_the_fast_path_answers_as_the_route_does(model: GatedModel, x: np.ndarray,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from byot_edge.runtime.server import fast
+
+    taken: list[int] = []
+    original = fast.FastPredict._answer
+
+    async def counted(self: Any, *args: Any) -> bytes:
+        taken.append(1)
+        return await original(self, *args)
+
+    monkeypatch.setattr(fast.FastPredict, "_answer", counted)
+    with serving(model) as c:
+        quick = _answers(c, x)
+    assert len(taken) == 11  # the 5 answers, the 6 refusals it can give as the route does
+    with serving(model, fast_path=False) as c:
+        route = _answers(c, x)
+    assert len(taken) == 11
+    assert quick == route
+    statuses = [s for s, _ in quick]
+    assert statuses[:6] == [200] * 6 and all(s < 500 for s in statuses), statuses
+
+
+def test_the_fast_path_leaves_a_wrong_token_to_the_route(model: GatedModel,
+                                                         x: np.ndarray) -> None:
+    headers = {"Content-Type": "application/x-npy"}
+    with serving(model, token="tok") as c:
+        r = c.post("/v1/predict", content=npy(x[:1]), headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/v1/predict", content=npy(x[:1]),
+                   headers={**headers, "Authorization": "Bearer tok"})
+        assert r.status_code == 200
+        r = c.post("/v1/predict", content=npy(x[:1]),  # another spelling: the route's call
+                   headers={**headers, "Authorization": "bearer tok"})
+        assert r.status_code == 200
+
+
+@pytest.mark.parametrize(("query", "parsed"), [
+    (b"", {}),
+    (b"threshold=0.5&threshold=1&exit=2&top_k=3", {"threshold": [0.5, 1.0], "exit": 2,
+                                                   "top_k": 3}),
+    (b"budget_ms=2.5&stat=p90&criterion=margin", {"budget_ms": 2.5, "stat": "p90",
+                                                  "criterion": "margin"}),
+    (b"threshold=0", None), (b"threshold=nan", None), (b"threshold=", None),
+    (b"exit=5", None), (b"exit=-1", None), (b"exit=1.0", None), (b"top_k=11", None),
+    (b"budget_ms=0", None), (b"budget_ms=1e999", None), (b"stat=p95", None),
+    (b"exit=1&exit=1", None), (b"unknown=1", None), (b"threshold=1_0", None),
+])
+def test_the_fast_path_parses_only_what_the_route_accepts(query: bytes,
+                                                          parsed: dict[str, Any] | None) -> None:
+    from byot_edge.runtime.server.fast import parse_query
+
+    assert parse_query(query, num_exits=4, num_classes=10) == parsed
+
+
+class SlowModel(AnytimeModel):
+    """Each run takes `delay` seconds; records its batch sizes."""
+
+    delay = 0.3
+    runs: list[int]
+
+    def run_checked(self, x: np.ndarray, options: PredictOptions) -> CascadeResult:
+        time.sleep(self.delay)
+        self.runs.append(len(x))
+        return super().run_checked(x, options)
+
+
+def test_the_batch_wait_starts_when_the_model_is_free(deployed: Deployed,
+                                                      x: np.ndarray) -> None:
+    # Under load the oldest waiting request has already waited a whole model run. A wait
+    # counted from its arrival had passed before the model was free: the batch ran without
+    # the request being received (batches of 1-2 under 32 clients, the issue).
+    options = PredictOptions(exit=1)
+
+    async def scenario(model: SlowModel) -> list[int]:
+        batcher = Batcher(model, max_batch=8, max_wait_ms=200)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(x[:1], options))  # runs at once
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(batcher.submit(x[1:2], options))  # queued
+
+            async def third() -> Any:
+                with batcher.receiving():  # its body arrives 0.1 s after the model is free
+                    await asyncio.sleep(0.35)
+                return await batcher.submit(x[2:3], options)
+
+            answers = await asyncio.gather(first, second, third())
+            return [a.batch_size for a in answers]
+        finally:
+            await batcher.close()
+
+    with SlowModel.load(deployed.manifest, threads=1) as model:
+        model.runs = []
+        sizes = asyncio.run(scenario(model))  # type: ignore[arg-type]
+    assert model.runs == [1, 2] and sizes == [1, 2, 2]
+
+
+def test_the_inference_thread_returns_results_and_errors() -> None:
+    from byot_edge.runtime.batching import InferenceThread
+
+    thread = InferenceThread()
+
+    async def calls() -> tuple[int, str]:
+        value = await thread.call(lambda: 6 * 7)
+        with pytest.raises(ZeroDivisionError):
+            await thread.call(lambda: 1 // 0)
+        return value, await thread.call(lambda: threading.current_thread().name)
+
+    assert asyncio.run(calls()) == (42, "byot-infer")
+    thread.shutdown()
+    with pytest.raises(BatcherClosed):  # not a future nobody would ever settle
+        asyncio.run(thread.call(lambda: 1))

@@ -4,6 +4,8 @@ process's start-up: signal handlers, and draining the requests in flight on SIGT
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -29,17 +31,36 @@ Needs the serve extra: pip install 'byot-edge\\[serve]'. See docs/serving.md.
 """
 
 
+# A worker process (--workers N) builds its app from this, set by its parent: uvicorn's
+# workers start with `spawn` and take the app as an import string.
+WORKER_SPEC = "BYOT_EDGE_SERVE_WORKER"
+
+
+def worker_app() -> Any:
+    """The app of one worker process: its own model, batcher and metrics."""
+    from byot_edge.runtime.anytime import AnytimeModel
+    from byot_edge.runtime.server import ServeConfig, create_app
+
+    spec = json.loads(os.environ[WORKER_SPEC])
+    model = AnytimeModel.load(spec["manifest"], **spec["load"])
+    return create_app(model, ServeConfig(**spec["config"]))
+
+
 def run_uvicorn(app: Any, *, host: str, port: int, log_level: str,
-                shutdown_timeout_s: int) -> None:
+                shutdown_timeout_s: int, workers: int = 1) -> None:
     """Run the ASGI app until SIGINT/SIGTERM, which finish the requests in flight (up to
-    `shutdown_timeout_s`) before returning."""
+    `shutdown_timeout_s`) before returning. With workers > 1, `app` is an import string
+    of a factory (uvicorn's convention): that many processes share the port, each with its
+    app; the parent passes SIGTERM on to them and waits for their draining."""
     try:
         import uvicorn
+        from uvicorn.supervisors import Multiprocess
     except ImportError:
         raise missing_dependency("uvicorn", "serve", "to serve models") from None
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on",
-        timeout_graceful_shutdown=shutdown_timeout_s))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout_s, workers=workers,
+                            factory=workers > 1)
+    server = uvicorn.Server(config)
     # uvicorn re-raises the signal it stopped on once it is done; with these handlers in
     # place that is a no-op, so a graceful stop returns normally (exit code 0).
     stopped: list[int] = []
@@ -47,12 +68,31 @@ def run_uvicorn(app: Any, *, host: str, port: int, log_level: str,
                  for sig in (signal.SIGINT, signal.SIGTERM)}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
+        if workers > 1:
+            try:
+                sock = config.bind_socket()
+            except SystemExit:  # uvicorn exits when the port is taken
+                raise ByotError(f"could not listen on {host}:{port}; see the log above") \
+                    from None
+            Multiprocess(config, sockets=[sock]).run()
+            return
         server.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
         raise ByotError(f"the server did not start on {host}:{port}; see the log above")
+
+
+def _serve_workers(manifest: Path, load: dict[str, Any], config: Any, workers: int,
+                   host: str, port: int, log_level: str) -> None:
+    """--workers N: the settings go to the workers through the environment."""
+    from dataclasses import asdict
+
+    os.environ[WORKER_SPEC] = json.dumps({"manifest": str(manifest.resolve()), "load": load,
+                                          "config": asdict(config)})
+    run_uvicorn("byot_edge.cli.serve:worker_app", host=host, port=port, log_level=log_level,
+                shutdown_timeout_s=config.shutdown_timeout_s, workers=workers)
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,8 +114,8 @@ def serve_command(
     max_batch: Annotated[int, typer.Option(
         help="Most samples run together; also the most one request may hold.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(
-        help="Longest the oldest waiting request waits for requests still being received "
-             "to share its batch (a lone request does not wait).")
+        help="Once the model is free, the longest a batch waits for requests still being "
+             "received to join it (a lone request does not wait).")
     ] = 2.0,
     max_queue: Annotated[int, typer.Option(
         help="Most prediction requests held at once; more get 503 with Retry-After.")] = 64,
@@ -90,6 +130,10 @@ def serve_command(
              "stay open). Prefer the environment variable: arguments show in `ps`.")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for onnxruntime/torch (default: theirs).")] = None,
+    workers: Annotated[int, typer.Option(
+        help="Server processes sharing the port, each with its own model, batcher, queue "
+             "and metrics (one Python process tops out at about one core of HTTP work).")
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an exported model over HTTP, answering each request from the shallowest
@@ -100,17 +144,23 @@ def serve_command(
     if not 0 <= port <= 65535:
         raise ByotError(f"--port must be a TCP port, 0..65535, got {port}")
     at_least(threads, 1, "--threads")
+    at_least(workers, 1, "--workers")
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_upload_mb=max_upload_mb, body_timeout_s=body_timeout_s,
                          token=token)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)
-    with AnytimeModel.load(manifest, backend=backend, device=device,
-                           **({"threads": threads} if threads else {})) as model:
+    load = {"backend": backend, "device": device, **({"threads": threads} if threads else {})}
+    with AnytimeModel.load(manifest, **load) as model:
         model.backend.verify_files()
         console.print(f"serving {manifest} ({model.num_exits} exits) with {model.backend.name} "
-                      f"on http://{host}:{port} (docs at /docs)", highlight=False, soft_wrap=True)
-        run_uvicorn(create_app(model, config), host=host, port=port, log_level=log_level,
-                    shutdown_timeout_s=config.shutdown_timeout_s)
+                      f"on http://{host}:{port} (docs at /docs)"
+                      + (f", {workers} worker processes" if workers > 1 else ""),
+                      highlight=False, soft_wrap=True)
+        if workers == 1:
+            run_uvicorn(create_app(model, config), host=host, port=port, log_level=log_level,
+                        shutdown_timeout_s=config.shutdown_timeout_s)
+    if workers > 1:  # checked above, loaded by each worker
+        _serve_workers(manifest, load, config, workers, host, port, log_level)
     console.print("server stopped")

@@ -6,12 +6,17 @@
     await batcher.close()                 # runs what is queued, then stops
 
 The event loop only queues; the model runs on one worker thread (the backends are
-blocking and not necessarily thread-safe, so one inference at a time). A batch starts
-when `max_batch` samples wait, when the oldest request has waited `max_wait_ms`, or at
-once when no other request is on its way: the server brackets reading and decoding a
-request with `receiving()`, and a batch waits only for requests it knows are coming, so a
-lone request pays no wait. While a batch runs, the next one fills, so under load batches
-grow without any extra wait.
+blocking and not necessarily thread-safe, so one inference at a time). Once the model is
+free and a request waits, the next batch starts when `max_batch` samples wait, when
+`max_wait_ms` have passed since the model became free, or at once when no other request is
+on its way: the server brackets reading and decoding a request with `receiving()`, and a
+batch waits only for requests it knows are coming, so a lone request pays no wait.
+
+The wait counts from when the model is free, not from the oldest request's arrival: under
+load the oldest request has already waited a whole model run, and a deadline counted from
+its arrival had passed before the batch could form, so batches ran with the one or two
+requests that happened to be decoded (profile in docs/serving.md). A call on the model
+costs one hand-off to its thread and one back (InferenceThread), whatever the batch.
 
 Requests are grouped by their options: a cascade's policy (thresholds, budget, fixed exit)
 belongs to the whole batch, so requests asking for different ones run as separate batches,
@@ -21,15 +26,16 @@ back to back, from the same window. Inside a batch every sample still takes its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
+import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -45,6 +51,58 @@ class BatcherClosed(ByotError):
     """Raised by `submit` once the batcher is shutting down."""
 
 
+# -- the inference thread ----------------------------------------------------------------
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if not future.done():  # its waiter may have gone (cancelled)
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class InferenceThread:
+    """One thread running calls in turn. A call is one put on a C queue and one
+    call_soon_threadsafe back: no executor future, lock or thread-count check per batch
+    (ThreadPoolExecutor.submit showed in the profile)."""
+
+    def __init__(self, name: str = "byot-infer") -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, loop, future = item
+            try:
+                ok, value = True, fn()
+            except BaseException as e:  # the caller gets it
+                ok, value = False, e
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, ok, value)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._stopped:
+                raise BatcherClosed("the inference thread has stopped")
+            if self._thread.ident is None:  # started on first use
+                self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((fn, loop, future))
+        return await future
+
+    def shutdown(self) -> None:
+        """Finish the calls queued, then stop the thread; later calls raise BatcherClosed."""
+        with self._lock:
+            self._stopped = True
+        if self._thread.ident is not None:
+            self._calls.put(None)
+            self._thread.join()
+
+
 # -- the queue ----------------------------------------------------------------------------
 
 
@@ -57,6 +115,10 @@ class Answer:
     batch_size: int  # samples in the model run that answered it
     batch_requests: int  # requests in that run
     queue_ms: float  # from submit until its model run started
+    # The classes of each sample by falling probability, and those probabilities (rows of
+    # `probabilities`, ranked once per batch on the inference thread); None: unknown.
+    ranked_classes: np.ndarray | None = None
+    ranked_probabilities: np.ndarray | None = None
 
 
 @dataclass
@@ -65,6 +127,22 @@ class _Job:
     options: PredictOptions
     future: asyncio.Future[Answer]
     submitted: float
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the inference thread hands back for one batch."""
+
+    result: CascadeResult
+    probabilities: np.ndarray | None
+    ranked_classes: np.ndarray | None
+    ranked_probabilities: np.ndarray | None
+    exit_counts: dict[int, int]
+
+
+def _exit_counts(exits: np.ndarray) -> dict[int, int]:
+    ks, counts = np.unique(exits, return_counts=True)
+    return dict(zip(ks.tolist(), counts.tolist(), strict=True))
 
 
 def _slice(result: CascadeResult, s: slice) -> CascadeResult:
@@ -85,11 +163,12 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1e3
         self.metrics = metrics
         self._pending: deque[_Job] = deque()
+        self._samples = 0  # in _pending
         self._arrived = asyncio.Event()
         self._closing = False
         self._receiving = 0  # requests being read or decoded, not yet submitted
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="byot-infer")
+        self._thread = InferenceThread()
         self._run_s = 0.0  # moving average of one model run, for Retry-After estimates
         self._logged: set[str] = set()
 
@@ -101,8 +180,7 @@ class Batcher:
 
     def expected_wait_s(self) -> float:
         """A rough time until a request submitted now would be answered."""
-        samples = sum(len(j.x) for j in self._pending)
-        return (samples / self.max_batch + 1) * self._run_s + self.max_wait_s
+        return (self._samples / self.max_batch + 1) * self._run_s + self.max_wait_s
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -121,15 +199,15 @@ class Batcher:
         self._arrived.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)  # logged by _stopped
-        self._executor.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the inference thread, in turn with the batches (e.g. warmup)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self._thread.call(fn)
 
     # -- requests ------------------------------------------------------------------------
 
-    @contextmanager
+    @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
         """Bracket reading and decoding a request that will be submitted: batches wait
         (up to max_wait_ms) only while some request is inside this."""
@@ -138,7 +216,8 @@ class Batcher:
             yield
         finally:
             self._receiving -= 1
-            self._arrived.set()  # a batch waiting for this request re-checks
+            if self._receiving == 0:  # a batch waiting for requests on their way can start
+                self._arrived.set()
 
     async def submit(self, x: np.ndarray, options: PredictOptions) -> Answer:
         """x: a batch [n, C, H, W] as check_batch returns it, n <= max_batch; options:
@@ -151,8 +230,10 @@ class Batcher:
             raise ByotError(f"a request holds 1..{self.max_batch} samples, got {len(x)}")
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(x, options, future, time.perf_counter()))
+        self._samples += len(x)
         self._gauge()
-        self._arrived.set()
+        if len(self._pending) == 1 or self._samples >= self.max_batch:
+            self._arrived.set()  # the worker waits for a first request, or for a full batch
         return await future  # a cancelled await cancels the future: the job is skipped
 
     # -- the worker ----------------------------------------------------------------------
@@ -177,36 +258,37 @@ class Batcher:
             raise
 
     async def _collect(self) -> list[_Job] | None:
-        """Wait for a batch: max_batch samples, the oldest request's max_wait_ms, or no
-        request on its way (None: closed and nothing left to run)."""
+        """Wait for a batch, once the model is free: max_batch samples, max_wait_ms from
+        now, or no request on its way (None: closed and nothing left to run)."""
         while not self._pending:
             if self._closing:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
-        deadline = self._pending[0].submitted + self.max_wait_s
-        while (not self._closing and self._receiving > 0
-               and sum(len(j.x) for j in self._pending) < self.max_batch):
+        deadline = time.perf_counter() + self.max_wait_s
+        loop = asyncio.get_running_loop()
+        while not self._closing and self._receiving > 0 and self._samples < self.max_batch:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             self._arrived.clear()
+            timer = loop.call_later(remaining, self._arrived.set)  # no task per wait
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
         jobs: list[_Job] = []
         samples = 0
         while self._pending and samples + len(self._pending[0].x) <= self.max_batch:
             job = self._pending.popleft()
+            self._samples -= len(job.x)
             if not job.future.done():  # its client went away
                 jobs.append(job)
                 samples += len(job.x)
         self._gauge()
         return jobs
 
-    def _infer(self, x: np.ndarray, options: PredictOptions
-               ) -> tuple[CascadeResult, np.ndarray | None]:
+    def _infer(self, x: np.ndarray, options: PredictOptions) -> _Run:
         # The runtime's warnings are in result.warnings (each answer carries them); here
         # they go to the log, once each, and a `-W error` setting cannot fail a batch.
         with warnings.catch_warnings(record=True) as caught:
@@ -216,13 +298,19 @@ class Batcher:
             if str(w.message) not in self._logged:
                 self._logged.add(str(w.message))
                 log.warning("%s", w.message)
-        return result, result.probabilities
+        probs = result.probabilities
+        if probs is None:
+            return _Run(result, None, None, None, _exit_counts(result.exits))
+        # Ranking per batch, here, rather than per request on the event loop.
+        order = np.argsort(-probs, axis=1, kind="stable")
+        return _Run(result, probs, order, np.take_along_axis(probs, order, axis=1),
+                    _exit_counts(result.exits))
 
     async def _run(self, options: PredictOptions, group: list[_Job]) -> None:
         x = group[0].x if len(group) == 1 else np.concatenate([j.x for j in group])
         started = time.perf_counter()
         try:
-            result, probs = await self.call(lambda: self._infer(x, options))
+            run = await self.call(lambda: self._infer(x, options))
         except Exception as e:  # this batch's requests fail; the worker goes on
             for job in group:
                 if not job.future.done():
@@ -230,10 +318,9 @@ class Batcher:
             return
         seconds = time.perf_counter() - started
         self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
+        result, probs = run.result, run.probabilities
         if self.metrics is not None:
-            ks, counts = np.unique(result.exits, return_counts=True)
-            self.metrics.observe_batch(len(x), len(group), seconds,
-                                       dict(zip(ks.tolist(), counts.tolist(), strict=True)))
+            self.metrics.observe_batch(len(x), len(group), seconds, run.exit_counts)
         at = 0
         for job in group:
             s = slice(at, at + len(job.x))
@@ -242,6 +329,8 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_ms / 1e3)
             if not job.future.done():
-                job.future.set_result(Answer(_slice(result, s),
-                                             None if probs is None else probs[s],
-                                             len(x), len(group), queue_ms))
+                job.future.set_result(Answer(
+                    _slice(result, s), None if probs is None else probs[s], len(x),
+                    len(group), queue_ms,
+                    None if run.ranked_classes is None else run.ranked_classes[s],
+                    None if run.ranked_probabilities is None else run.ranked_probabilities[s]))

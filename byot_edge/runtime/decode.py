@@ -20,6 +20,7 @@ decoding take milliseconds): a server runs it off its event loop, except where
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -103,29 +104,51 @@ def _tensor(x: np.ndarray, spec: InputSpec, from_json: bool = False) -> np.ndarr
     return _checked(x, spec)
 
 
+def _header_end(data: bytes) -> int | None:
+    """Where a version 1 or 2 .npy header ends, from its length field; None otherwise."""
+    if data.startswith(NPY_MAGIC) and len(data) >= 12:
+        if data[6] == 1:
+            return 10 + int.from_bytes(data[8:10], "little")
+        if data[6] == 2:
+            return 12 + int.from_bytes(data[8:12], "little")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """shape, fortran order, dtype and the data's offset, from a .npy file's first bytes.
+    Cached: numpy parses the header with Python's tokenizer (ast.literal_eval), a large
+    share of decoding a small tensor, and a client sends the same header again and again.
+    A header that fails raises, and is not cached."""
+    f = io.BytesIO(head)
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"version {version} is not supported")
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read(f)
+    return shape, fortran, dtype, f.tell()
+
+
 def _npy(data: bytes, what: str) -> np.ndarray:
     """A .npy payload, checked before anything is allocated from its header."""
-    f = io.BytesIO(data)
     bad = f"{what} is not a valid .npy file"
+    end = _header_end(data)
     # numpy parses the header with Python's tokenizer and literal_eval: on crafted bytes
     # they raise ValueError, SyntaxError, tokenize.TokenError, TypeError...; all mean "bad".
     try:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"version {version} is not supported")
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read(f)
+        shape, fortran, dtype, offset = _npy_header(
+            bytes(data[:end]) if end is not None and end <= len(data) else bytes(data[:4096]))
     except Exception as e:
         raise RequestError(400, f"{bad} ({str(e)[:200]}); save it with numpy.save") from None
     if dtype.hasobject:
         raise RequestError(422, f"{what} holds Python objects; send a numeric array")
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(data) - f.tell():
+    if expected != len(data) - offset:
         raise RequestError(400, f"{bad}: its header says {list(shape)} {dtype} ({expected} "
-                                f"bytes) but it holds {len(data) - f.tell()} bytes")
+                                f"bytes) but it holds {len(data) - offset} bytes")
     order = "F" if fortran else "C"
-    x = np.frombuffer(data, dtype, offset=f.tell()).reshape(shape, order=order).copy()
+    x = np.frombuffer(data, dtype, offset=offset).reshape(shape, order=order).copy()
     if x.dtype.byteorder == ">" and x.dtype.kind == "f":
         x = x.astype(x.dtype.newbyteorder("="))  # big-endian floats: same values, native order
     return x

@@ -7,6 +7,7 @@ process, as in tests, each count only their own requests.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -62,12 +63,19 @@ class ServerMetrics:
         self.in_flight = Gauge("byot_edge_requests_in_flight", "Prediction requests held by "
                                "the server (being read, waiting or running); bounded by "
                                "--max-queue", registry=r)
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.ready = Gauge("byot_edge_ready", "1 once the model is warm and answering",
                            registry=r)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.request_seconds.labels(endpoint=endpoint).observe(seconds)
+        key = (endpoint, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a key each time: once each
+            children = self._children[key] = (
+                self.requests.labels(endpoint=endpoint, status=str(status)),
+                self.request_seconds.labels(endpoint=endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, samples: int, requests: int, seconds: float,
                       exits: Mapping[int, int]) -> None:

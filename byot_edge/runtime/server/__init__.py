@@ -14,8 +14,11 @@ Modules, one idea each:
 - context: ServerContext, what every route shares (model, batcher, config, metrics,
   readiness, the queue's bound) and `predict`, the path of every prediction request;
 - schemas: the pydantic answers, which are the OpenAPI documentation;
+- encode: answers and errors as response bytes (no pydantic model per request);
 - http: reading bodies under the limits, multipart, auth, metrics middleware, errors;
-- routes: the /v1 and health routers; oip: the /v2 router; app: create_app.
+- routes: the /v1 and health routers; oip: the /v2 router; app: create_app;
+- fast: POST /v1/predict's common case in plain ASGI, ahead of FastAPI (the same context,
+  decoder, answers and metrics; what it is not sure of goes to the route).
 - Request bodies are decoded by byot_edge.runtime.decode (no web framework there).
 
 Another router (e.g. the Open Inference Protocol) is a function of the context:

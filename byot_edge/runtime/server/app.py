@@ -12,6 +12,7 @@ from byot_edge.runtime.anytime import AnytimeModel
 from byot_edge.runtime.metrics import ServerMetrics
 from byot_edge.runtime.server.config import ServeConfig
 from byot_edge.runtime.server.context import ServerContext
+from byot_edge.runtime.server.fast import FastPredict, Receive, Scope, Send
 from byot_edge.runtime.server.http import Observe, bearer_auth, install_error_handlers
 from byot_edge.runtime.server.oip import oip_router
 from byot_edge.runtime.server.routes import info_router, predict_router
@@ -26,8 +27,24 @@ DESCRIPTION = ("An anytime classifier: each request is answered by the shallowes
                "batch.")
 
 
+class ByotApp(FastAPI):
+    """FastAPI, with the common case of POST /v1/predict answered first by the fast path
+    (byot_edge.runtime.server.fast); everything else, and every request that path leaves,
+    goes through FastAPI as usual."""
+
+    fast: FastPredict | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast
+        query = None if fast is None else fast.takes(scope)
+        if query is not None and fast is not None:
+            await fast(scope, receive, send, query)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(model: AnytimeModel, config: ServeConfig | None = None, *,
-               routers: Sequence[RouterFactory] = ()) -> FastAPI:
+               routers: Sequence[RouterFactory] = ()) -> ByotApp:
     """The FastAPI app serving `model`: /v1/predict, /v1/model, /healthz, /readyz,
     /metrics, the Open Inference Protocol's /v2 routes, then each of `routers` built on the
     same context (app.state.context). Its lifespan starts the batching worker and warms the
@@ -45,11 +62,13 @@ def create_app(model: AnytimeModel, config: ServeConfig | None = None, *,
         finally:
             await ctx.stop()
 
-    app = FastAPI(title="byot-edge", version=__version__, lifespan=lifespan,
+    app = ByotApp(title="byot-edge", version=__version__, lifespan=lifespan,
                   description=DESCRIPTION)
     app.state.context = ctx
     app.add_middleware(Observe, metrics=metrics)
     install_error_handlers(app)
     for make in (*ROUTERS, *routers):
         app.include_router(make(ctx))
+    if config.fast_path:
+        app.fast = FastPredict(ctx)
     return app

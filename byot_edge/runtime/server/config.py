@@ -11,7 +11,7 @@ from byot_edge.runtime.decode import Limits
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch: int = 32  # samples per model run
-    max_wait_ms: float = 2.0  # longest the oldest request waits for ones being received
+    max_wait_ms: float = 2.0  # once the model is free, longest a batch waits for more
     max_queue: int = 64  # requests held at once once their body is in (decoding, queued, running)
     max_upload_mb: float = 10.0
     token: str | None = None  # bearer token for /v1/* and /metrics; None: no auth
@@ -21,6 +21,9 @@ class ServeConfig:
     default_top_k: int = 5
     warmup: bool = True
     shutdown_timeout_s: int = 30  # how long SIGTERM waits for in-flight requests
+    # POST /v1/predict's common case without FastAPI's per-request work (server.fast);
+    # False: every request through the FastAPI route (the same answers, slower).
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,

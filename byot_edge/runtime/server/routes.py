@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from byot_edge.errors import RequestError
 from byot_edge.runtime.decode import MULTIPART_TYPE, decode_body, decodes_inline, media_type
 from byot_edge.runtime.server.context import ServerContext
+from byot_edge.runtime.server.encode import predict_document, to_json
 from byot_edge.runtime.server.http import form_parts, read_body
 from byot_edge.runtime.server.schemas import (
     AUTH_ERROR,
@@ -25,7 +26,6 @@ from byot_edge.runtime.server.schemas import (
     Status,
     Threshold,
     model_info,
-    predict_response,
 )
 
 QUERY_OPTIONS = ("threshold", "budget_ms", "exit", "top_k", "criterion", "stat")
@@ -36,6 +36,7 @@ def predict_router(ctx: ServerContext) -> APIRouter:
     config, model = ctx.config, ctx.model
     num_exits, num_classes = model.num_exits, len(model.class_names)
     spec, limits = model.manifest.input, config.limits
+    class_names = list(model.class_names)
     router = APIRouter(dependencies=ctx.protect, tags=["predict"])
 
     @router.post("/v1/predict", response_model=PredictResponse,
@@ -86,7 +87,10 @@ def predict_router(ctx: ServerContext) -> APIRouter:
 
         answer = await ctx.predict(options, read, decode)
         k = top_k or min(config.default_top_k, num_classes)
-        return predict_response(answer, model.class_names, k, t0)
+        # The bytes directly (PredictResponse documents them): FastAPI would validate and
+        # serialise a model per sample and per class again.
+        return Response(to_json(predict_document(answer, class_names, k, t0)),  # type: ignore[return-value]
+                        media_type="application/json")
 
     return router
 

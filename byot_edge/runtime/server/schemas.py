@@ -1,16 +1,14 @@
-"""What the HTTP API answers, as pydantic models: they are also its OpenAPI documentation
-(/docs), with the error responses and the request body each route declares."""
+"""What the HTTP API answers, as pydantic models: they are its OpenAPI documentation
+(/docs), with the error responses and the request body each route declares. The answers
+themselves are written as bytes by `encode` (no model is built per request)."""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from byot_edge.runtime.anytime import AnytimeModel
-from byot_edge.runtime.batching import Answer
 from byot_edge.runtime.server.config import ServeConfig
 
 
@@ -136,31 +134,6 @@ def model_info(model: AnytimeModel, config: ServeConfig) -> ModelInfo:
                             max_queue=config.max_queue, max_upload_mb=config.max_upload_mb,
                             auth=config.token is not None),
     )
-
-
-def predict_response(answer: Answer, class_names: list[str], k: int,
-                     t0: float) -> PredictResponse:
-    """One request's answer; `t0`: its arrival (perf_counter)."""
-    def label(i: int) -> str:
-        return class_names[i] if 0 <= i < len(class_names) else str(i)
-
-    r = answer.result
-    preds = []
-    for i in range(len(r.indices)):
-        if answer.probabilities is not None:
-            p = answer.probabilities[i]
-            top = [TopClass(index=int(j), label=label(int(j)), probability=float(p[j]))
-                   for j in np.argsort(-p, kind="stable")[:k]]
-        else:  # the runner-ups are unknown: the answer alone
-            top = [TopClass(index=int(r.indices[i]), label=label(int(r.indices[i])),
-                            probability=float(r.confidences[i]))]
-        preds.append(PredictionOut(index=int(r.indices[i]), label=label(int(r.indices[i])),
-                                   confidence=float(r.confidences[i]), exit=int(r.exits[i]),
-                                   top_k=top, model_ms=float(r.latency_ms[i])))
-    return PredictResponse(predictions=preds, mode=r.mode,
-                           latency_ms=(time.perf_counter() - t0) * 1e3,
-                           queue_ms=answer.queue_ms, batch_size=answer.batch_size,
-                           warnings=list(r.warnings))
 
 
 # -- what the routes declare in the OpenAPI schema ----------------------------------------

@@ -1,0 +1,194 @@
+"""POST /v1/predict in plain ASGI: the hot path, without FastAPI's per-request machinery.
+
+A profile under load (docs/serving.md) put most of a request's server CPU in the web
+framework, not in the model: FastAPI's dependency solving and query validation, its
+response-model validation and serialisation, its native-telemetry check (an environment
+lookup per request), the middleware stack. This path does for a prediction what the
+FastAPI route does, with the same context (`ServerContext.predict`: 503s, the queue, the
+batcher), the same decoder and the same answer bytes (`encode`), and records the same
+metrics.
+
+It takes a request only when it is sure to answer it as the route would: a query whose
+every parameter parses cleanly and within range, an `Authorization` header exactly
+`Bearer <token>` when a token is set, and a body that is not multipart. Anything else (a
+bad or unknown parameter, a wrong token, multipart uploads) goes to the FastAPI route,
+which answers it with its own messages, so every refusal reads as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.concurrency import run_in_threadpool
+
+from byot_edge.errors import ByotError, RequestError
+from byot_edge.runtime.decode import MULTIPART_TYPE, decode_body, decodes_inline, media_type
+from byot_edge.runtime.server.context import ServerContext
+from byot_edge.runtime.server.encode import JSON_HEADERS, error_parts, predict_document, to_json
+
+log = logging.getLogger("uvicorn.error.byot_edge")
+
+PATH = "/v1/predict"
+CRITERIA = ("max_softmax", "entropy", "margin")
+STATS = ("p50", "p90", "p99", "mean")
+# What pydantic parses to the same number; anything else goes to the route to be judged.
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
+_INT = re.compile(r"[1-9]\d{0,8}\Z")
+CLIENT_CLOSED = 499
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _float(text: str) -> float | None:
+    if not _FLOAT.match(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def parse_query(query: bytes, num_exits: int, num_classes: int) -> dict[str, Any] | None:
+    """The prediction options of a query string, or None unless every parameter is known,
+    given once (threshold: any number of times), and valid as the route declares it."""
+    out: dict[str, Any] = {}
+    thresholds: list[float] = []
+    for key, text in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == "threshold":
+            t = _float(text)
+            if t is None or not 0 < t <= 1:
+                return None
+            thresholds.append(t)
+            continue
+        if key in out:
+            return None
+        if key == "budget_ms":
+            value: Any = _float(text)
+            ok = value is not None and value > 0
+        elif key in ("exit", "top_k"):
+            value = int(text) if _INT.match(text) else None
+            ok = value is not None and value <= (num_exits if key == "exit" else num_classes)
+        elif key in ("criterion", "stat"):
+            value = text
+            ok = text in (CRITERIA if key == "criterion" else STATS)
+        else:
+            return None
+        if not ok:
+            return None
+        out[key] = value
+    if thresholds:
+        out["threshold"] = thresholds
+    return out
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def read_asgi_body(receive: Receive, declared: bytes | None, limit: int,
+                         timeout_s: float) -> bytes:
+    """The body from ASGI messages under the limits, as http.read_body reads it: 413 as
+    soon as it is over `limit`, 408 after `timeout_s`, 499 if the client left."""
+    too_big = RequestError(413, f"the upload is over the server's limit of {limit / 2**20:g} "
+                                "MiB; send a smaller image or tensor")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(CLIENT_CLOSED, "the client disconnected before its "
+                                                  "request body arrived")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    try:
+        if sys.version_info >= (3, 11):  # a timeout scope: no task per request
+            async with asyncio.timeout(timeout_s):
+                return await read()
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s; "
+                                "send it in one go (the server's --body-timeout-s)") from None
+
+
+class FastPredict:
+    """The hot path of POST /v1/predict (see the module's docstring). `takes(scope)` says
+    whether it answers a request; `__call__` answers it."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        config, model = ctx.config, ctx.model
+        self.token = None if config.token is None else b"Bearer " + config.token.encode()
+        self.num_exits, self.class_names = model.num_exits, list(model.class_names)
+        self.spec, self.limits = model.manifest.input, config.limits
+
+    def takes(self, scope: Scope) -> dict[str, Any] | None:
+        """The parsed query when this path answers the request, else None."""
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            return None
+        if self.token is not None and not hmac.compare_digest(
+                _header(scope, b"authorization") or b"", self.token):
+            return None  # the route answers 401 (or accepts another spelling of Bearer)
+        media = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+        if media == MULTIPART_TYPE.encode():
+            return None
+        return parse_query(scope.get("query_string", b""), self.num_exits,
+                           len(self.class_names))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send,
+                       query: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            status, body, headers = 200, await self._answer(scope, receive, query, t0), []
+        except Exception as exc:
+            if not isinstance(exc, ByotError):  # a bug: a 500, its traceback in the log
+                log.exception("a prediction request failed")
+            status, body, headers = error_parts(exc)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+                                *headers]})
+        await send({"type": "http.response.body", "body": body})
+        self.ctx.metrics.observe_request(PATH, status, time.perf_counter() - t0)
+
+    async def _answer(self, scope: Scope, receive: Receive, query: dict[str, Any],
+                      t0: float) -> bytes:
+        ctx, config = self.ctx, self.ctx.config
+        options = ctx.options(query.get("threshold"), query.get("budget_ms"),
+                              query.get("exit"), query.get("criterion"),
+                              query.get("stat", "p50"))
+        media = media_type((_header(scope, b"content-type") or b"").decode("latin-1"))
+        spec, limits = self.spec, self.limits
+
+        async def read() -> bytes:
+            return await read_asgi_body(receive, _header(scope, b"content-length"),
+                                        config.max_upload_bytes, config.body_timeout_s)
+
+        async def decode(body: bytes) -> Any:
+            if decodes_inline(media, len(body)):
+                return decode_body(media, body, None, spec, limits)
+            # parsing JSON and decoding images take long enough to stall the loop
+            return await run_in_threadpool(decode_body, media, body, None, spec, limits)
+
+        answer = await ctx.predict(options, read, decode)
+        k = query.get("top_k") or min(config.default_top_k, len(self.class_names))
+        return to_json(predict_document(answer, self.class_names, k, t0))
