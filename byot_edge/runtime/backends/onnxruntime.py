@@ -42,7 +42,11 @@ class OnnxRuntimeBackend(Backend):
     joins_segments = True
 
     def __init__(self, manifest: Any, device: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin: bool | None = None) -> None:
+        """`threads`: intra-op threads (default: ONNX Runtime's, one per physical core).
+        `spin`: whether idle worker threads spin for the next job (ONNX Runtime's default)
+        or sleep; on a machine shared with other busy processes, spinning workers take
+        the cores the work itself needs (docs/design.md, "The runtime's own time")."""
         super().__init__(manifest)
         self._ort = _import_ort()
         available = self._ort.get_available_providers()
@@ -68,6 +72,10 @@ class OnnxRuntimeBackend(Backend):
         self._options = self._ort.SessionOptions()
         if threads:
             self._options.intra_op_num_threads = threads
+        if spin is not None:
+            for pool in ("intra_op", "inter_op"):
+                self._options.add_session_config_entry(f"session.{pool}.allow_spinning",
+                                                       "1" if spin else "0")
         self._sessions: dict[str, Any] = {}
         self._active: list[str] = []
 
@@ -129,8 +137,8 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, names = self._sessions[artifact]
-        outs = session.run(None, dict(inputs))
-        return dict(zip(names, outs, strict=True))
+        feed = inputs if type(inputs) is dict else dict(inputs)  # ORT takes a dict
+        return dict(zip(names, session.run(names, feed), strict=True))
 
     def close(self) -> None:
         self._sessions.clear()
