@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,16 +46,14 @@ def check_batch(batch: Any, spec: InputSpec) -> np.ndarray:
 
 def _checked_values(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
     """dtype and finiteness of a batch of the right shape."""
-    if batch.dtype != spec.dtype:
+    if batch.dtype != np.dtype(spec.dtype):
         want = _expected(spec)
         hint = (" of raw pixels; normalise them with byot_edge.runtime.preprocess.normalise"
                 if batch.dtype == np.uint8 else f"; cast it with x.astype(np.{spec.dtype})")
         raise ByotError(f"expected {want} normalised with mean {spec.mean} and std {spec.std}, "
                         f"got dtype {batch.dtype}{hint}")
-    # One reduction, not a mask and its reduction: a NaN or inf anywhere makes the sum
-    # NaN or inf; a finite batch whose sum overflows takes the exact check below.
-    if math.isfinite(np.add.reduce(batch, axis=None)) or np.isfinite(batch).all():
-        return batch if batch.flags.c_contiguous else np.ascontiguousarray(batch)
+    if np.isfinite(batch).all():
+        return np.ascontiguousarray(batch)
     bad = np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
     raise ByotError(f"sample(s) {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} of the "
                     "batch contain NaN or inf; pass finite, normalised values")

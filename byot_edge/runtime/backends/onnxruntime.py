@@ -135,6 +135,12 @@ class OnnxRuntimeBackend(Backend):
         self._sessions[artifact] = (session, [o.name for o in session.get_outputs()])
         self._active = session.get_providers()
 
+    def session(self, artifact: str) -> Any:
+        """The onnxruntime.InferenceSession serving `artifact` (loaded if need be), for
+        benchmarks that call it bare."""
+        self.load(artifact)
+        return self._sessions[artifact][0]
+
     def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, names = self._sessions[artifact]
         feed = inputs if type(inputs) is dict else dict(inputs)  # ORT takes a dict
