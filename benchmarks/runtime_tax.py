@@ -6,13 +6,15 @@ same file, and the cascade through the runtime against the same sessions chained
 
 Session options tried, for our backend and the plain sessions alike: ONNX Runtime's
 defaults (a thread per core, idle workers spinning), 1 thread, and 2 threads whose idle
-workers sleep. For every batch and exit all of them take turns in one interleaved run
-(byot_edge.timing.interleave), so the ratios printed are from one run:
+workers sleep. For every batch, exit and configuration, our path and the plain sessions
+take turns in one interleaved run (byot_edge.timing.interleave), so each ratio printed is
+from one run:
 
 - `ours/plain`: our path against a plain session with the same options;
 - `ours/own`: against our backend's own session called bare (the same session, so it is
   the runtime's Python alone, without the few percent two sessions of one file differ by);
-- `best/best`: our fastest configuration against the fastest plain session.
+- `best/best`: our fastest configuration against the fastest plain session (each
+  configuration is its own interleaved run, so this ratio spans runs).
 
 The cascade row runs every sample through every exit (thresholds off: the most steps and
 the most policy calls a cascade has) against the same segment sessions chained with
@@ -43,7 +45,7 @@ from byot_edge.runtime.policies import NEVER, ConfidenceThresholds
 from byot_edge.timing import interleave
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {"spin": True},  # ONNX Runtime's defaults (our backend's spin=False is not)
     "1 thread": {"threads": 1},
     "2 threads, no spin": {"threads": 2, "spin": False},
 }
@@ -112,12 +114,19 @@ def cascade_ways(models: dict[str, AnytimeModel],
 
 
 def measure(ways: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, Any]:
+    """One interleaved run per configuration: a session's spinning workers would otherwise
+    take the cores from the other configurations' calls (as three default sessions in one
+    rotation did)."""
     before = load_avg()
-    timed = interleave(ways, warmup=args.warmup, runs=args.runs, max_seconds=args.max_seconds,
-                       clock=CLOCKS[args.clock])
-    p50 = {name: t.stats.p50 for name, t in timed.items()}
-    return {"p50_ms": p50, "runs": {name: t.stats.runs for name, t in timed.items()},
-            "load_avg_1min": [before, load_avg()]}
+    p50: dict[str, float] = {}
+    runs: dict[str, int] = {}
+    for config in dict.fromkeys(name.split("|")[1] for name in ways):
+        mine = {name: fn for name, fn in ways.items() if name.endswith(f"|{config}")}
+        timed = interleave(mine, warmup=args.warmup, runs=args.runs,
+                           max_seconds=args.max_seconds, clock=CLOCKS[args.clock])
+        p50.update((name, t.stats.p50) for name, t in timed.items())
+        runs.update((name, t.stats.runs) for name, t in timed.items())
+    return {"p50_ms": p50, "runs": runs, "load_avg_1min": [before, load_avg()]}
 
 
 def ratios(p50: dict[str, float]) -> dict[str, float]:
@@ -136,17 +145,18 @@ def ratios(p50: dict[str, float]) -> dict[str, float]:
 
 
 def show(row: dict[str, Any]) -> None:
+    """One line per configuration: p50 of each way, ours/plain, ours/own; then best/best."""
     what = f"exit {row['exit']}" if row["exit"] else "cascade"
-    best = {k: v for k, v in row["ratios"].items() if k.startswith("best")}
-    per = "  ".join(f"{k.split('|')[1]}: {row['ratios'][k]:.3f}x" for k in row["ratios"]
-                    if k.startswith("ours/plain") or (not row["exit"] and k.startswith("ours/own")))
-    own = "  ".join(f"{v:.3f}x" for k, v in row["ratios"].items()
-                    if k.startswith("ours/own") and row["exit"])
-    fastest = min(row["p50_ms"].items(), key=lambda kv: kv[1])
-    print(f"batch {row['batch']:3d} {what:8s} | {per} | ours/own {own} | "
-          f"{' '.join(f'{k} {v:.3f}x' for k, v in best.items())} | fastest {fastest[0]} "
-          f"{fastest[1]:.3f} ms | load {row['load_avg_1min'][0]:.1f}-{row['load_avg_1min'][1]:.1f}",
-          flush=True)
+    p50, r = row["p50_ms"], row["ratios"]
+    load = f"load {row['load_avg_1min'][0]:.1f}-{row['load_avg_1min'][1]:.1f}"
+    for config in sorted({name.split("|")[1] for name in p50}):
+        cells = [f"{way} {p50[f'{way}|{config}']:8.3f}" for way in ("ours", "plain", "own")
+                 if f"{way}|{config}" in p50]
+        ratio = [f"{k.split('|')[0]} {v:.3f}x" for k, v in r.items() if k.endswith(f"|{config}")]
+        print(f"batch {row['batch']:3d} {what:8s} {config:18s} {' '.join(cells)} ms | "
+              f"{'  '.join(ratio)} | {load}")
+    best = next(k for k in r if k.startswith("best"))
+    print(f"batch {row['batch']:3d} {what:8s} {best}: {r[best]:.3f}x", flush=True)
 
 
 def main() -> None:

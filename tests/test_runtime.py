@@ -299,15 +299,18 @@ def test_answers_are_the_logits_scored_bit_for_bit(deployed: Deployed) -> None:
         assert [type(p.index) for p in preds[:1]] == [int]
 
 
-def test_onnxruntime_spin_option_reaches_the_sessions(deployed: Deployed) -> None:
-    quiet = AnytimeModel.load(deployed.root, backend="onnxruntime", threads=2, spin=False)
-    options = quiet.backend._options  # type: ignore[attr-defined]
-    for pool in ("intra_op", "inter_op"):
-        assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
-    got = quiet.run(deployed.x[:4], PredictOptions(exit=1))
-    want = load(deployed.root).run(deployed.x[:4], PredictOptions(exit=1))
-    assert np.array_equal(got.indices, want.indices)
-    assert np.allclose(got.confidences, want.confidences, atol=1e-6)
+def test_onnxruntime_workers_sleep_unless_told_to_spin(deployed: Deployed) -> None:
+    for spin, want in ((None, "0"), (False, "0"), (True, "1")):
+        options = {} if spin is None else {"spin": spin}
+        model = AnytimeModel.load(deployed.root, backend="onnxruntime", threads=2, **options)
+        session_options = model.backend._options  # type: ignore[attr-defined]
+        for pool in ("intra_op", "inter_op"):
+            assert session_options.get_session_config_entry(
+                f"session.{pool}.allow_spinning") == want
+    got = model.run(deployed.x[:4], PredictOptions(exit=1))
+    want_result = load(deployed.root).run(deployed.x[:4], PredictOptions(exit=1))
+    assert np.array_equal(got.indices, want_result.indices)
+    assert np.allclose(got.confidences, want_result.confidences, atol=1e-6)
 
 
 def test_finite_batches_pass_whatever_their_sum(deployed: Deployed) -> None:

@@ -42,11 +42,13 @@ class OnnxRuntimeBackend(Backend):
     joins_segments = True
 
     def __init__(self, manifest: Any, device: str | None = None,
-                 threads: int | None = None, spin: bool | None = None) -> None:
+                 threads: int | None = None, spin: bool = False) -> None:
         """`threads`: intra-op threads (default: ONNX Runtime's, one per physical core).
-        `spin`: whether idle worker threads spin for the next job (ONNX Runtime's default)
-        or sleep; on a machine shared with other busy processes, spinning workers take
-        the cores the work itself needs (docs/design.md, "The runtime's own time")."""
+        `spin`: whether idle worker threads spin for the next job (ONNX Runtime's own
+        default) or sleep (ours): on a 2-core machine shared with busy processes, spinning
+        workers took the cores the work needed, up to 9x slower at batch 32 (docs/design.md,
+        "The runtime's own time"); with 1 thread there are no workers and it makes no
+        difference."""
         super().__init__(manifest)
         self._ort = _import_ort()
         available = self._ort.get_available_providers()
@@ -72,10 +74,9 @@ class OnnxRuntimeBackend(Backend):
         self._options = self._ort.SessionOptions()
         if threads:
             self._options.intra_op_num_threads = threads
-        if spin is not None:
-            for pool in ("intra_op", "inter_op"):
-                self._options.add_session_config_entry(f"session.{pool}.allow_spinning",
-                                                       "1" if spin else "0")
+        for pool in ("intra_op", "inter_op"):
+            self._options.add_session_config_entry(f"session.{pool}.allow_spinning",
+                                                   "1" if spin else "0")
         self._sessions: dict[str, Any] = {}
         self._active: list[str] = []
 
