@@ -17,6 +17,7 @@ from byot_edge.runtime.policies import (
     exits_for_thresholds,
     exits_to_compute,
     simulate,
+    softmax,
 )
 
 
@@ -176,3 +177,43 @@ def test_a_plan_is_the_exits_that_are_on_ending_at_the_deepest() -> None:
             Plan.parse(bad)
     with pytest.raises(ByotError, match=r"deepest exit \(5\)"):
         plan.check(5)
+
+
+def _reference_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax as written before it was tuned: copy, divide, shift, exp, normalise."""
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature != 1.0:
+        z = z / float(temperature)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_softmax_is_bit_identical_to_the_plain_formula(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    for n, c in [(1, 10), (7, 3), (33, 10), (64, 100), (5, 1000)]:
+        logits = (rng.standard_normal((n, c)) * rng.uniform(0.5, 20)).astype(dtype)
+        kept = logits.copy()
+        for t in (1.0, 0.7, 2.5):
+            p = softmax(logits, t)
+            assert p.dtype == np.float64
+            assert np.array_equal(p, _reference_softmax(logits, t))
+            # Rows are independent: a subset scores as it does inside the whole batch (the
+            # cascade answers subsets from the step's softmax).
+            rows = rng.random(n) < 0.5
+            assert np.array_equal(p[rows], softmax(logits[rows], t))
+            assert np.array_equal(confidence(logits, "max_softmax", t),
+                                  _reference_softmax(logits, t).max(axis=-1))
+        assert np.array_equal(logits, kept)  # the input is not written to
+
+
+def test_step_softmax_is_computed_once_and_shared() -> None:
+    logits = recorded_logits(k=1, n=20)[0]
+    step = Step(1, 3, logits)
+    p = step.probabilities(2.0)
+    assert step.probabilities(2.0) is p
+    assert np.array_equal(p, _reference_softmax(logits, 2.0))
+    assert np.array_equal(step.probabilities(), _reference_softmax(logits))
+    policy = ConfidenceThresholds((0.3, 0.6), temperatures=(2.0, 1.0, 1.0))
+    assert np.array_equal(policy(step), _reference_softmax(logits, 2.0).max(axis=-1) >= 0.3)
+    assert step == Step(1, 3, logits)  # the cache is not part of the step's value

@@ -255,6 +255,73 @@ def test_fixed_exit_answers_like_that_exit(deployed: Deployed, backend: str) -> 
         assert np.allclose([p.confidence for p in preds], conf, atol=1e-5)
 
 
+def reference_softmax(logits: np.ndarray) -> np.ndarray:
+    """The runtime's softmax as it was written before it was tuned for speed."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_answers_are_the_logits_scored_bit_for_bit(deployed: Deployed) -> None:
+    # The fast paths (one exit answering everyone, the policy's softmax reused for the
+    # answers) must give what scoring each step's logits the plain way gives.
+    model = load(deployed.root, "onnxruntime")
+    outputs: list[np.ndarray] = []
+    inner = model.backend.run
+
+    def run(name: str, inputs: dict) -> dict:
+        out = inner(name, inputs)
+        outputs.append(out[model.backend.io(name).logits])
+        return out
+
+    model.backend.run = run  # type: ignore[method-assign]
+    for options in (PredictOptions(exit=2), PredictOptions(threshold=0.0),
+                     PredictOptions(threshold=median_thresholds(deployed.logits))):
+        outputs.clear()
+        result = model.run(deployed.x, options)
+        assert result.probabilities is not None
+        assert (result.indices.dtype, result.confidences.dtype, result.exits.dtype,
+                result.latency_ms.dtype, result.probabilities.dtype) == (
+                    np.int64, np.float32, np.int64, np.float64, np.float32)
+        # Each call ran on the samples not answered before it, in input order.
+        running = np.arange(len(deployed.x))
+        for (k, _), z in zip(result.step_ms or [(options.exit, 0.0)], outputs, strict=True):
+            here = result.exits[running] == k
+            p = reference_softmax(z[here])
+            assert np.array_equal(result.probabilities[running[here]], p.astype(np.float32))
+            assert np.array_equal(result.confidences[running[here]],
+                                  p.max(axis=-1).astype(np.float32))
+            assert np.array_equal(result.indices[running[here]], z[here].argmax(axis=-1))
+            running = running[~here]
+        assert len(running) == 0
+        preds = result.predictions(model.class_names)
+        assert [p.confidence for p in preds] == [float(c) for c in result.confidences]
+        assert [type(p.index) for p in preds[:1]] == [int]
+
+
+def test_onnxruntime_workers_sleep_unless_told_to_spin(deployed: Deployed) -> None:
+    for spin, want in ((None, "0"), (False, "0"), (True, "1")):
+        options = {} if spin is None else {"spin": spin}
+        model = AnytimeModel.load(deployed.root, backend="onnxruntime", threads=2, **options)
+        session_options = model.backend._options  # type: ignore[attr-defined]
+        for pool in ("intra_op", "inter_op"):
+            assert session_options.get_session_config_entry(
+                f"session.{pool}.allow_spinning") == want
+    got = model.run(deployed.x[:4], PredictOptions(exit=1))
+    want_result = load(deployed.root).run(deployed.x[:4], PredictOptions(exit=1))
+    assert np.array_equal(got.indices, want_result.indices)
+    assert np.allclose(got.confidences, want_result.confidences, atol=1e-6)
+
+
+def test_finite_batches_pass_whatever_their_sum(deployed: Deployed) -> None:
+    model = load(deployed.root, "onnxruntime")
+    huge = np.full((2, 3, 32, 32), 3e38, np.float32)  # finite, but its sum overflows
+    assert len(model.predict(huge, exit=1)) == 2
+    odd = np.asfortranarray(deployed.x[:2])  # not C-contiguous: copied, then accepted
+    assert [p.index for p in model.predict(odd, exit=1)] == [
+        p.index for p in model.predict(deployed.x[:2], exit=1)]
+
+
 def test_input_checks_name_what_the_manifest_expects(deployed: Deployed) -> None:
     model = load(deployed.root, "onnxruntime")
     x = deployed.x[:2]

@@ -118,11 +118,12 @@ class CascadeResult:
     step_ms: list[tuple[int, float]] = field(default_factory=list)
 
     def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
+        # tolist: Python numbers in one call per array, not a numpy scalar per element
+        known = len(class_names)
         return [
-            Prediction(int(i), class_names[i] if 0 <= i < len(class_names) else str(int(i)),
-                       float(c), int(e), float(t))
-            for i, c, e, t in zip(self.indices, self.confidences, self.exits, self.latency_ms,
-                                  strict=True)
+            Prediction(i, class_names[i] if 0 <= i < known else str(i), c, e, t)
+            for i, c, e, t in zip(self.indices.tolist(), self.confidences.tolist(),
+                                  self.exits.tolist(), self.latency_ms.tolist(), strict=True)
         ]
 
 
@@ -132,6 +133,7 @@ class AnytimeModel:
         self.backend = backend
         self._warned: set[str] = set()
         self._plans: dict[Plan, list[tuple[int, list[str], list[ArtifactIO]]]] = {}
+        self._exit_files: dict[int, list[tuple[str, ArtifactIO]]] = {}  # see _fixed
         # (batch size, statistic) -> the profile's figures for this backend and device
         self._latencies: dict[tuple[int, str], Latencies | None] = {}
         self._calibrated: tuple[Thresholds, ConfidenceThresholds] | None = None
@@ -271,9 +273,26 @@ class AnytimeModel:
         return all(self.backend.has(artifact_name(SEGMENT, k))
                    for k in range(1, self.num_exits + 1))
 
+    def _whole(self, k: int, logits: np.ndarray, ms: float, mode: str,
+               p: np.ndarray | None = None) -> CascadeResult:
+        """Exit k answers every sample: the answer arrays are built in one call each (the
+        values `_answer` would write into `_empty`'s). `p`: softmax(logits) at exit k's
+        temperature, where the caller has it."""
+        if p is None:
+            p = softmax(logits, self._temperature(k))
+        n = len(logits)
+        probabilities = p.astype(np.float32)
+        # float32 rounding keeps the order, so this is float32(p.max(axis=-1)) exactly
+        confidences = np.maximum.reduce(probabilities, axis=-1)
+        result = CascadeResult(logits.argmax(axis=-1), confidences, np.full(n, k, np.int64),
+                               np.full(n, ms, np.float64), mode)
+        result.probabilities = probabilities
+        return result
+
     def _answer(self, result: CascadeResult, where: np.ndarray, k: int, logits: np.ndarray,
-                ms: float) -> None:
-        p = softmax(logits, self._temperature(k))
+                ms: float, p: np.ndarray | None = None) -> None:
+        if p is None:
+            p = softmax(logits, self._temperature(k))
         if result.probabilities is None:
             result.probabilities = np.zeros((len(result.indices), p.shape[-1]), np.float32)
         result.probabilities[where] = p
@@ -289,18 +308,19 @@ class AnytimeModel:
     def _fixed(self, x: np.ndarray, k: int, mode: str) -> CascadeResult:
         """Exit k for everyone: its truncated file in one call, else segments 1..k (joined
         into one span where the backend can)."""
-        result = self._empty(len(x), mode)
-        names = next(([name] for name in (artifact_name(EXIT, k), span_name(1, k))
-                      if self.backend.has(name)),
-                     [artifact_name(SEGMENT, j) for j in range(1, k + 1)])
-        ios = [self.backend.load(name) for name in names]  # before the clock starts
+        files = self._exit_files.get(k)
+        if files is None:  # chosen and loaded once, before any clock starts
+            names = next(([name] for name in (artifact_name(EXIT, k), span_name(1, k))
+                          if self.backend.has(name)),
+                         [artifact_name(SEGMENT, j) for j in range(1, k + 1)])
+            files = self._exit_files[k] = [(name, self.backend.load(name)) for name in names]
         t0 = time.perf_counter()
         h = x
-        for name, io in zip(names, ios, strict=True):
+        for j, (name, io) in enumerate(files, start=1):
             out = self.backend.run(name, {io.input: h})
-            result.calls.append((name, len(x)))
-            h = out[io.section] if io.section and name != names[-1] else out[io.logits]
-        self._answer(result, np.arange(len(x)), k, h, (time.perf_counter() - t0) * 1e3)
+            h = out[io.section] if io.section and j < len(files) else out[io.logits]
+        result = self._whole(k, h, (time.perf_counter() - t0) * 1e3, mode)
+        result.calls = [(name, len(x)) for name, _ in files]
         return result
 
     def _profiled(self, n: int, stat: str, notes: list[str]) -> Latencies | None:
@@ -370,39 +390,52 @@ class AnytimeModel:
     def _cascade(self, x: np.ndarray, policy: Policy, options: PredictOptions,
                  notes: list[str], plan: Plan | None = None) -> CascadeResult:
         deadline = isinstance(policy, Deadline)
+        mode = "deadline" if deadline else "cascade"
         num_exits = self.num_exits
         plan = plan or exits_to_compute(policy, num_exits)
         steps = self._steps(plan)  # loads, untimed
-        result = self._empty(len(x), "deadline" if deadline else "cascade")
-        active = np.arange(len(x))
+        calls: list[tuple[str, int]] = []
+        step_ms: list[tuple[int, float]] = []
+        # Until a step lets only some samples go, the whole batch is running: no answer
+        # arrays to fill and no indices to carry (`result` and `active` stay None).
+        result: CascadeResult | None = None
+        active: np.ndarray | None = None
         h = x
         t0 = time.perf_counter()
         for j, (k, names, ios) in enumerate(steps):
             t_seg = time.perf_counter()
             for name, io in zip(names, ios, strict=True):
                 out = self.backend.run(name, {io.input: h})
-                result.calls.append((name, len(active)))
+                calls.append((name, len(h)))
                 if io.section is not None:
                     h = out[io.section]
             now = time.perf_counter()
             elapsed = (now - t0) * 1e3
-            result.step_ms.append((k, elapsed))
+            step_ms.append((k, elapsed))
             logits = out[ios[-1].logits]
-            if k == num_exits:
-                self._answer(result, active, k, logits, elapsed)
-                break
             nxt = None
-            if deadline:
-                nxt = self._next_cost_ms(plan, j, len(active), (now - t_seg) * 1e3, options,
-                                         notes)
-            answer = np.asarray(policy(Step(k, num_exits, logits, elapsed, nxt)), bool)
-            answered = int(np.count_nonzero(answer))
-            if answered == len(answer):
-                self._answer(result, active, k, logits, elapsed)
+            if deadline and k < num_exits:
+                nxt = self._next_cost_ms(plan, j, len(h), (now - t_seg) * 1e3, options, notes)
+            step = Step(k, num_exits, logits, elapsed, nxt)
+            answer = None if k == num_exits else np.asarray(policy(step), bool)
+            answered = len(h) if answer is None else int(np.count_nonzero(answer))
+            if not answered:
+                continue
+            p = step.probabilities(self._temperature(k))  # the policy's, where it took one
+            if answered == len(h):  # everyone still running answers here
+                if result is None:
+                    result = self._whole(k, logits, elapsed, mode, p)
+                else:
+                    assert active is not None
+                    self._answer(result, active, k, logits, elapsed, p)
                 break
-            if answered:
-                self._answer(result, active[answer], k, logits[answer], elapsed)
-                # Compact: only the samples still running go on to the next step.
-                keep = ~answer
-                h, active = h[keep], active[keep]
+            if result is None:
+                result, active = self._empty(len(x), mode), np.arange(len(x))
+            assert answer is not None and active is not None
+            self._answer(result, active[answer], k, logits[answer], elapsed, p[answer])
+            # Compact: only the samples still running go on to the next step.
+            keep = ~answer
+            h, active = h[keep], active[keep]
+        assert result is not None  # the deepest step answers everyone
+        result.calls, result.step_ms = calls, step_ms
         return result

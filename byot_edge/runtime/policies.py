@@ -17,7 +17,7 @@ can replay a cascade offline.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -38,13 +38,27 @@ def check_criterion(criterion: str) -> str:
     return criterion
 
 
+# The ufuncs' reductions themselves: ndarray.max and .sum go through a Python wrapper first.
+_max = np.maximum.reduce
+_sum = np.add.reduce
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax over the last axis, in float64 so every caller gets bit-identical scores."""
-    z = np.asarray(logits, dtype=np.float64)
-    if temperature != 1.0:
-        z = z / float(temperature)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    # As few numpy calls as the arithmetic allows, in place: at batch 1 each call costs far
+    # more than its arithmetic, the more so right after an inference has evicted numpy from
+    # the caches (docs/design.md, "The runtime's own time"). The values are bit for bit
+    # those of exp(z - max(z)) / sum with z = float64(logits) / T computed step by step
+    # (casting to float64 is exact, so the float32 maximum is z's).
+    logits = np.asarray(logits)
+    if temperature == 1.0:
+        z = np.subtract(logits, _max(logits, axis=-1, keepdims=True), dtype=np.float64)
+    else:
+        z = np.divide(logits, float(temperature), dtype=np.float64)
+        z -= _max(z, axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= _sum(z, axis=-1, keepdims=True)
+    return z
 
 
 def confidence(logits: np.ndarray, criterion: str = "max_softmax",
@@ -55,9 +69,13 @@ def confidence(logits: np.ndarray, criterion: str = "max_softmax",
     entropy: 1 - H(p) / log(C), so a one-hot prediction scores 1 and a uniform one 0.
     """
     check_criterion(criterion)
-    p = softmax(logits, temperature)
+    return confidence_of(softmax(logits, temperature), criterion)
+
+
+def confidence_of(p: np.ndarray, criterion: str) -> np.ndarray:
+    """`confidence` from probabilities p = softmax(logits, temperature) [..., C]."""
     if criterion == "max_softmax":
-        return p.max(axis=-1)
+        return _max(p, axis=-1)
     if criterion == "margin":
         top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[..., -2:]
         return top2[..., 1] - top2[..., 0]
@@ -77,6 +95,17 @@ class Step:
     # predicted time of the cascade's next step (the sections up to the next exit that is
     # on); None: unknown
     next_cost_ms: float | None = None
+    # softmax(logits) by temperature, computed once per step: the policy scores with it and
+    # the anytime model answers with it
+    _softmax: dict[float, np.ndarray] = field(default_factory=dict, init=False, compare=False,
+                                              repr=False)
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        """softmax(self.logits, temperature), [n, C] float64; do not modify it."""
+        p = self._softmax.get(temperature)
+        if p is None:
+            p = self._softmax[temperature] = softmax(self.logits, temperature)
+        return p
 
 
 class Policy(Protocol):
@@ -130,7 +159,8 @@ class ConfidenceThresholds:
     def __call__(self, step: Step) -> np.ndarray:
         if step.exit >= step.num_exits:
             return _all(step, True)
-        return self.scores(step.exit, step.logits) >= self.values[step.exit - 1]
+        p = step.probabilities(self.temperature(step.exit))
+        return confidence_of(p, self.criterion) >= self.values[step.exit - 1]
 
     def worst_case(self) -> ConfidenceThresholds:
         """The same cascade for a sample that every exit it can pass lets go: thresholds

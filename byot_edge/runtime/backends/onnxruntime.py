@@ -42,7 +42,13 @@ class OnnxRuntimeBackend(Backend):
     joins_segments = True
 
     def __init__(self, manifest: Any, device: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin: bool = False) -> None:
+        """`threads`: intra-op threads (default: ONNX Runtime's, one per physical core).
+        `spin`: whether idle worker threads spin for the next job (ONNX Runtime's own
+        default) or sleep (ours): on a 2-core machine shared with busy processes, spinning
+        workers took the cores the work needed, up to 9x slower at batch 32 (docs/design.md,
+        "The runtime's own time"); with 1 thread there are no workers and it makes no
+        difference."""
         super().__init__(manifest)
         self._ort = _import_ort()
         available = self._ort.get_available_providers()
@@ -68,6 +74,9 @@ class OnnxRuntimeBackend(Backend):
         self._options = self._ort.SessionOptions()
         if threads:
             self._options.intra_op_num_threads = threads
+        for pool in ("intra_op", "inter_op"):
+            self._options.add_session_config_entry(f"session.{pool}.allow_spinning",
+                                                   "1" if spin else "0")
         self._sessions: dict[str, Any] = {}
         self._active: list[str] = []
 
@@ -127,10 +136,16 @@ class OnnxRuntimeBackend(Backend):
         self._sessions[artifact] = (session, [o.name for o in session.get_outputs()])
         self._active = session.get_providers()
 
+    def session(self, artifact: str) -> Any:
+        """The onnxruntime.InferenceSession serving `artifact` (loaded if need be), for
+        benchmarks that call it bare."""
+        self.load(artifact)
+        return self._sessions[artifact][0]
+
     def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, names = self._sessions[artifact]
-        outs = session.run(None, dict(inputs))
-        return dict(zip(names, outs, strict=True))
+        feed = inputs if type(inputs) is dict else dict(inputs)  # ORT takes a dict
+        return dict(zip(names, session.run(names, feed), strict=True))
 
     def close(self) -> None:
         self._sessions.clear()

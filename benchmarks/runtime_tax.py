@@ -1,0 +1,209 @@
+"""What the anytime runtime costs on top of ONNX Runtime itself: `AnytimeModel.predict(x,
+exit=k)` against the best plain `onnxruntime.InferenceSession` a user could make on the
+same file, and the cascade through the runtime against the same sessions chained bare.
+
+    python benchmarks/runtime_tax.py deploy/manifest.json --batch 1 32
+
+Session options tried, for our backend and the plain sessions alike: ONNX Runtime's
+defaults (a thread per core, idle workers spinning), 1 thread, and 2 threads whose idle
+workers sleep. For every batch, exit and configuration, our path and the plain sessions
+take turns in one interleaved run (byot_edge.timing.interleave), so each ratio printed is
+from one run:
+
+- `ours/plain`: our path against a plain session with the same options;
+- `ours/own`: against our backend's own session called bare (the same session, so it is
+  the runtime's Python alone, without the few percent two sessions of one file differ by);
+- `best/best`: our fastest configuration against the fastest plain session (each
+  configuration is its own interleaved run, so this ratio spans runs).
+
+The cascade row runs every sample through every exit (thresholds off: the most steps and
+the most policy calls a cascade has) against the same segment sessions chained with
+nothing between them. Targets: at most 1.05x at every exit at batch 1 and 32; the cascade
+at most 1.03x. `--clock thread` times the calling thread's CPU time instead of the wall
+clock (only the 1-thread configuration then): on a machine shared with other busy
+processes it is the figure preemption does not move. Every row records the load average.
+This supersedes the ONNX Runtime part of benchmarks/backend_overhead.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from byot_edge.plans import Plan
+from byot_edge.runtime.anytime import AnytimeModel
+from byot_edge.runtime.backends import EXIT, SEGMENT, artifact_name
+from byot_edge.runtime.policies import NEVER, ConfidenceThresholds
+from byot_edge.timing import interleave
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "default": {"spin": True},  # ONNX Runtime's defaults (our backend's spin=False is not)
+    "1 thread": {"threads": 1},
+    "2 threads, no spin": {"threads": 2, "spin": False},
+}
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def plain_session(path: str, threads: int | None = None, spin: bool | None = None) -> Any:
+    """The session a user would make by hand with these options."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if spin is not None:
+        for pool in ("intra_op", "inter_op"):
+            opts.add_session_config_entry(f"session.{pool}.allow_spinning", str(int(spin)))
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def exit_ways(models: dict[str, AnytimeModel], k: int,
+              x: np.ndarray) -> dict[str, Callable[[], object]]:
+    """Per configuration: our predict, a plain session on exit k's file, our own session."""
+    ways: dict[str, Callable[[], object]] = {}
+    for config, model in models.items():
+        name = artifact_name(EXIT, k)
+        feed = {model.backend.io(name).input: x}
+        plain = plain_session(str(model.manifest.file_path(k, "onnx")), **CONFIGS[config])
+        own = model.backend.session(name)  # type: ignore[attr-defined]
+        ways[f"ours|{config}"] = lambda m=model: m.predict(x, exit=k)
+        ways[f"plain|{config}"] = lambda s=plain, f=feed: s.run(None, f)
+        ways[f"own|{config}"] = lambda s=own, f=feed: s.run(None, f)
+    return ways
+
+
+def bare_chain(model: AnytimeModel, x: np.ndarray) -> Callable[[], object]:
+    """Segments 1..K of our backend's own sessions, each output fed to the next."""
+    steps = []
+    for k in range(1, model.num_exits + 1):
+        name = artifact_name(SEGMENT, k)
+        io = model.backend.io(name)
+        wanted = [io.section] if io.section else [io.logits]
+        steps.append((model.backend.session(name), io.input, wanted))  # type: ignore[attr-defined]
+
+    def chain() -> object:
+        h = x
+        for session, inp, wanted in steps:
+            h = session.run(wanted, {inp: h})[0]
+        return h
+
+    return chain
+
+
+def cascade_ways(models: dict[str, AnytimeModel],
+                 x: np.ndarray) -> dict[str, Callable[[], object]]:
+    ways: dict[str, Callable[[], object]] = {}
+    for config, model in models.items():
+        never = ConfidenceThresholds.for_model(NEVER, model.num_exits)
+        plan = Plan.every_exit(model.num_exits)
+        ways[f"ours|{config}"] = lambda m=model, p=never, q=plan: m.run_policy(x, p, q)
+        ways[f"own|{config}"] = bare_chain(model, x)
+    return ways
+
+
+def measure(ways: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, Any]:
+    """One interleaved run per configuration: a session's spinning workers would otherwise
+    take the cores from the other configurations' calls (as three default sessions in one
+    rotation did)."""
+    before = load_avg()
+    p50: dict[str, float] = {}
+    runs: dict[str, int] = {}
+    for config in dict.fromkeys(name.split("|")[1] for name in ways):
+        mine = {name: fn for name, fn in ways.items() if name.endswith(f"|{config}")}
+        timed = interleave(mine, warmup=args.warmup, runs=args.runs,
+                           max_seconds=args.max_seconds, clock=CLOCKS[args.clock])
+        p50.update((name, t.stats.p50) for name, t in timed.items())
+        runs.update((name, t.stats.runs) for name, t in timed.items())
+    return {"p50_ms": p50, "runs": runs, "load_avg_1min": [before, load_avg()]}
+
+
+def ratios(p50: dict[str, float]) -> dict[str, float]:
+    """ours/plain and ours/own per configuration, and best ours / best plain."""
+    out: dict[str, float] = {}
+    configs = sorted({name.split("|")[1] for name in p50})
+    for config in configs:
+        for base in ("plain", "own"):
+            if f"{base}|{config}" in p50:
+                out[f"ours/{base}|{config}"] = p50[f"ours|{config}"] / p50[f"{base}|{config}"]
+    base = "plain" if any(n.startswith("plain|") for n in p50) else "own"
+    best_ours = min(v for n, v in p50.items() if n.startswith("ours|"))
+    best_base = min(v for n, v in p50.items() if n.startswith(f"{base}|"))
+    out[f"best/best {base}"] = best_ours / best_base
+    return out
+
+
+def show(row: dict[str, Any]) -> None:
+    """One line per configuration: p50 of each way, ours/plain, ours/own; then best/best."""
+    what = f"exit {row['exit']}" if row["exit"] else "cascade"
+    p50, r = row["p50_ms"], row["ratios"]
+    load = f"load {row['load_avg_1min'][0]:.1f}-{row['load_avg_1min'][1]:.1f}"
+    for config in sorted({name.split("|")[1] for name in p50}):
+        cells = [f"{way} {p50[f'{way}|{config}']:8.3f}" for way in ("ours", "plain", "own")
+                 if f"{way}|{config}" in p50]
+        ratio = [f"{k.split('|')[0]} {v:.3f}x" for k, v in r.items() if k.endswith(f"|{config}")]
+        print(f"batch {row['batch']:3d} {what:8s} {config:18s} {' '.join(cells)} ms | "
+              f"{'  '.join(ratio)} | {load}")
+    best = next(k for k in r if k.startswith("best"))
+    print(f"batch {row['batch']:3d} {what:8s} {best}: {r[best]:.3f}x", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--exits", type=int, nargs="+", help="default: every exit")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--max-seconds", type=float, default=5.0, help="per way and row")
+    p.add_argument("--no-cascade", action="store_true")
+    p.add_argument("--json", default="docs/results/runtime_tax_cpu.json")
+    args = p.parse_args()
+    if args.clock == "thread":  # worker threads' time would not be counted
+        args.configs = ["1 thread"]
+    models = {c: AnytimeModel.load(args.manifest, backend="onnxruntime", device="cpu",
+                                   **CONFIGS[c]) for c in args.configs}
+    first = next(iter(models.values()))
+    exits = args.exits or list(range(1, first.num_exits + 1))
+    print(f"{first.manifest.model['arch']} on {first.backend.device}, clock {args.clock}, "
+          f"p50 of {args.runs} runs per way", flush=True)
+    rows = []
+    for batch in args.batch:
+        x = np.random.default_rng(0).standard_normal(
+            (batch, *first.manifest.input.shape)).astype(first.manifest.input.dtype)
+        cases = [(k, exit_ways(models, k, x)) for k in exits]
+        if not args.no_cascade and first.has_segments():
+            cases.append((0, cascade_ways(models, x)))
+        for k, ways in cases:
+            row = {"batch": batch, "exit": k, **measure(ways, args)}
+            row["ratios"] = ratios(row["p50_ms"])
+            show(row)
+            rows.append(row)
+    import onnxruntime
+
+    out = {"manifest": str(Path(args.manifest).resolve()), "model": first.manifest.model,
+           "device": first.backend.device, "cores": os.cpu_count(),
+           "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+           "config": vars(args), "configs": {c: CONFIGS[c] for c in args.configs},
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
