@@ -271,7 +271,7 @@ def test_answers_are_the_logits_scored_bit_for_bit(deployed: Deployed) -> None:
 
     def run(name: str, inputs: dict) -> dict:
         out = inner(name, inputs)
-        outputs.append(out[model.backend.io(name).logits])
+        outputs.append(out[model.backend.load(name).logits])
         return out
 
     model.backend.run = run  # type: ignore[method-assign]

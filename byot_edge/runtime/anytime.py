@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,93 +37,20 @@ from byot_edge.runtime.backends import (
     get_backend,
     span_name,
 )
-from byot_edge.runtime.latency import Latencies, check_stat, resolve, select_profile
+from byot_edge.runtime.latency import Latencies, resolve, select_profile
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
     Deadline,
     Policy,
     Step,
-    check_criterion,
     deepest_exit_within,
     exits_to_compute,
     softmax,
 )
 from byot_edge.runtime.precision import backend_precision_note, threshold_precision_note
 from byot_edge.runtime.preprocess import check_batch
-
-
-@dataclass(frozen=True)
-class Prediction:
-    index: int  # class index
-    label: str  # class name
-    confidence: float  # probability of the class (temperature-scaled when calibrated so)
-    exit: int  # 1..K, the exit that answered
-    latency_ms: float  # from the start of the request until this sample was answered
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """One request's choice; at most one of `exit` and (`threshold` and/or `budget_ms`)."""
-
-    threshold: float | Sequence[float] | None = None
-    budget_ms: float | None = None
-    exit: int | None = None
-    criterion: str | None = None  # default: the calibrated one, else max_softmax
-    stat: str = "p50"  # which profiled latency a budget is compared with
-
-    def __post_init__(self) -> None:
-        # The batcher groups requests by their options: a list would be unhashable (and
-        # stop its worker), and [0.9] must group with (0.9,).
-        if isinstance(self.threshold, Sequence) and not isinstance(self.threshold, tuple):
-            object.__setattr__(self, "threshold", tuple(self.threshold))
-
-    def validate(self, num_exits: int) -> None:
-        if self.exit is not None and (self.threshold is not None or self.budget_ms is not None):
-            raise ByotError("choose either exit, or threshold and/or budget_ms, not both")
-        if self.exit is not None and not 1 <= self.exit <= num_exits:
-            raise ByotError(f"exit {self.exit} does not exist: this model has exits "
-                            f"1..{num_exits} ({num_exits} is the deepest)")
-        if self.budget_ms is not None and not self.budget_ms > 0:
-            raise ByotError(f"budget_ms must be a positive number of milliseconds, got "
-                            f"{self.budget_ms}")
-        values = ([] if self.threshold is None else list(self.threshold)
-                  if isinstance(self.threshold, Sequence) else [self.threshold])
-        try:
-            bad = not all(0 <= float(t) <= 1 or float(t) == NEVER for t in values)
-        except (TypeError, ValueError):
-            bad = True
-        if bad:
-            raise ByotError(f"threshold must be numbers in [0, 1] (or {NEVER:g} to switch an "
-                            f"exit off), got {self.threshold}")
-        if self.criterion is not None:
-            check_criterion(self.criterion)
-        check_stat(self.stat)
-
-
-@dataclass
-class CascadeResult:
-    indices: np.ndarray  # [N] int64 class indices
-    confidences: np.ndarray  # [N] float32
-    exits: np.ndarray  # [N] int64, 1..K
-    latency_ms: np.ndarray  # [N] float64
-    mode: str  # "exit", "budget", "cascade" or "deadline"
-    calls: list[tuple[str, int]] = field(default_factory=list)  # (artifact, samples), in order
-    # [N, C] class probabilities at each sample's answering exit (temperature-scaled as the
-    # confidences are), for top-k answers
-    probabilities: np.ndarray | None = None
-    warnings: list[str] = field(default_factory=list)
-    # (exit, ms since the cascade's first step started) at the end of each step it ran
-    step_ms: list[tuple[int, float]] = field(default_factory=list)
-
-    def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
-        # tolist: Python numbers in one call per array, not a numpy scalar per element
-        known = len(class_names)
-        return [
-            Prediction(i, class_names[i] if 0 <= i < known else str(i), c, e, t)
-            for i, c, e, t in zip(self.indices.tolist(), self.confidences.tolist(),
-                                  self.exits.tolist(), self.latency_ms.tolist(), strict=True)
-        ]
+from byot_edge.runtime.requests import CascadeResult, Prediction, PredictOptions
 
 
 class AnytimeModel:
