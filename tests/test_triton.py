@@ -152,6 +152,20 @@ def _options(params: dict) -> PredictOptions:
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("model", ["byot", "byot_inprocess"])
+
+def assert_same_answers(got, want, params, where: str) -> None:
+    """A protocol response (tritonclient's InferResult) answers as the runtime did."""
+    assert got.as_numpy("exit").ravel().tolist() == want.exits.tolist(), where
+    assert got.as_numpy("class_index").ravel().tolist() == want.indices.tolist(), where
+    np.testing.assert_allclose(got.as_numpy("confidence").ravel(), want.confidences,
+                               rtol=1e-4, err_msg=where)
+    if "top_k" in params:
+        top = np.argsort(-want.probabilities, axis=-1, kind="stable")[:, :3]
+        assert got.as_numpy("top_k_class").tolist() == top.tolist(), where
+    else:
+        assert got.as_numpy("top_k_class") is None, where
+
+
 def test_answers_equal_the_anytime_model(triton, reference, images, protocol, model):
     seen_exits: set[int] = set()
     for mode, make in MODES.items():
@@ -160,16 +174,7 @@ def test_answers_equal_the_anytime_model(triton, reference, images, protocol, mo
             params = make(reference, n)
             want = reference.run(x, _options(params))
             got = infer(triton, protocol, model, x, params)
-            where = f"{model} over {protocol}, {mode}, batch {n}"
-            assert got.as_numpy("exit").ravel().tolist() == want.exits.tolist(), where
-            assert got.as_numpy("class_index").ravel().tolist() == want.indices.tolist(), where
-            np.testing.assert_allclose(got.as_numpy("confidence").ravel(), want.confidences,
-                                       rtol=1e-4, err_msg=where)
-            if "top_k" in params:
-                top = np.argsort(-want.probabilities, axis=-1, kind="stable")[:, :3]
-                assert got.as_numpy("top_k_class").tolist() == top.tolist(), where
-            else:
-                assert got.as_numpy("top_k_class") is None, where
+            assert_same_answers(got, want, params, f"{model} over {protocol}, {mode}, batch {n}")
             seen_exits.update(want.exits.tolist())
     assert len(seen_exits) >= 3  # the images take different exits: the cascade is exercised
 

@@ -9,7 +9,15 @@ import httpx
 import numpy as np
 import pytest
 from server_fixtures import running
-from test_triton import BAD, MODES, _options, deploy, images, reference  # noqa: F401
+from test_triton import (  # noqa: F401
+    BAD,
+    MODES,
+    _options,
+    assert_same_answers,
+    deploy,
+    images,
+    reference,
+)
 
 from byot_edge.runtime.server.oip import decode_request, encode_response
 
@@ -61,15 +69,7 @@ def test_answers_equal_the_anytime_model(client, reference, images, binary):  # 
             params = make(reference, n)
             want = reference.run(x, _options(params))
             got = _infer(client, x, params, binary)
-            where = f"{mode}, batch {n}"
-            assert got.as_numpy("exit").ravel().tolist() == want.exits.tolist(), where
-            assert got.as_numpy("class_index").ravel().tolist() == want.indices.tolist(), where
-            np.testing.assert_allclose(got.as_numpy("confidence").ravel(), want.confidences,
-                                       rtol=1e-4, err_msg=where)
-            if "top_k" in params:
-                top = np.argsort(-want.probabilities, axis=-1, kind="stable")[:, :3]
-                assert got.as_numpy("top_k_class").tolist() == top.tolist(), where
-
+            assert_same_answers(got, want, params, f"{mode}, batch {n}")
 
 def test_bad_requests_get_400_with_the_reason(client, images):  # noqa: F811
     from tritonclient.utils import InferenceServerException

@@ -189,10 +189,7 @@ def _stage_checked_onnx(stage: Staging, cap: graph.Capture, model: MultiExitNet,
         reports += seg_reports
         for r in seg_reports:
             say(_line(r))
-    failed = [r for r in reports if not r.passed]
-    if failed:
-        raise ByotError(failure_message(failed))
-    return reports
+    return _all_passed(reports)
 
 
 def _stage_engines(builder: EngineBuilder, stage: Staging, cap: graph.Capture,
@@ -213,6 +210,14 @@ def _stage_engines(builder: EngineBuilder, stage: Staging, cap: graph.Capture,
     if bad:
         raise ByotError("TensorRT engines do not match their ONNX files: " + "; ".join(
             f"exit {r.exit} ({r.file}): {r.note}" for r in bad) + ". Nothing was written")
+    return reports
+
+
+def _all_passed(reports: list[CheckReport]) -> list[CheckReport]:
+    """`reports`, or a ByotError naming every file that failed its check."""
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise ByotError(failure_message(failed))
     return reports
 
 
@@ -291,10 +296,7 @@ def _quantize(stage: Staging, cap: graph.Capture, model: MultiExitNet,
     reports = quantize.int8_files(job, stage, model, files, meta, _stage_onnx)
     for r in reports:
         say(_line(r))
-    failed = [r for r in reports if not r.passed]
-    if failed:
-        raise ByotError(failure_message(failed))
-    return reports
+    return _all_passed(reports)
 
 
 def _one_onnx_precision(manifest: Manifest, out: Path) -> None:
