@@ -150,9 +150,6 @@ def _options(params: dict) -> PredictOptions:
                           exit=params.get("exit"))
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("model", ["byot", "byot_inprocess"])
-
 def assert_same_answers(got, want, params, where: str) -> None:
     """A protocol response (tritonclient's InferResult) answers as the runtime did."""
     assert got.as_numpy("exit").ravel().tolist() == want.exits.tolist(), where
@@ -166,6 +163,8 @@ def assert_same_answers(got, want, params, where: str) -> None:
         assert got.as_numpy("top_k_class") is None, where
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model", ["byot", "byot_inprocess"])
 def test_answers_equal_the_anytime_model(triton, reference, images, protocol, model):
     seen_exits: set[int] = set()
     for mode, make in MODES.items():
