@@ -75,7 +75,7 @@ def exit_ways(models: dict[str, AnytimeModel], k: int,
     ways: dict[str, Callable[[], object]] = {}
     for config, model in models.items():
         name = artifact_name(EXIT, k)
-        feed = {model.backend.io(name).input: x}
+        feed = {model.backend.load(name).input: x}
         plain = plain_session(str(model.manifest.file_path(k, "onnx")), **CONFIGS[config])
         own = model.backend.session(name)  # type: ignore[attr-defined]
         ways[f"ours|{config}"] = lambda m=model: m.predict(x, exit=k)
@@ -89,7 +89,7 @@ def bare_chain(model: AnytimeModel, x: np.ndarray) -> Callable[[], object]:
     steps = []
     for k in range(1, model.num_exits + 1):
         name = artifact_name(SEGMENT, k)
-        io = model.backend.io(name)
+        io = model.backend.load(name)
         wanted = [io.section] if io.section else [io.logits]
         steps.append((model.backend.session(name), io.input, wanted))  # type: ignore[attr-defined]
 
