@@ -17,12 +17,10 @@ which answers it with its own messages, so every refusal reads as before.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,23 +28,22 @@ from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
 
-from byot_edge.errors import ByotError, RequestError
+from byot_edge.errors import ByotError
 from byot_edge.runtime.decode import MULTIPART_TYPE, decode_body, decodes_inline, media_type
+from byot_edge.runtime.policies import CRITERIA
 from byot_edge.runtime.server.context import ServerContext
 from byot_edge.runtime.server.encode import JSON_HEADERS, error_parts, predict_document, to_json
+from byot_edge.runtime.server.http import Receive, read_asgi_body
+from byot_edge.timing import STATS
 
 log = logging.getLogger("uvicorn.error.byot_edge")
 
 PATH = "/v1/predict"
-CRITERIA = ("max_softmax", "entropy", "margin")
-STATS = ("p50", "p90", "p99", "mean")
 # What pydantic parses to the same number; anything else goes to the route to be judged.
 _FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
 _INT = re.compile(r"[1-9]\d{0,8}\Z")
-CLIENT_CLOSED = 499
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -95,40 +92,6 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
-
-
-async def read_asgi_body(receive: Receive, declared: bytes | None, limit: int,
-                         timeout_s: float) -> bytes:
-    """The body from ASGI messages under the limits, as http.read_body reads it: 413 as
-    soon as it is over `limit`, 408 after `timeout_s`, 499 if the client left."""
-    too_big = RequestError(413, f"the upload is over the server's limit of {limit / 2**20:g} "
-                                "MiB; send a smaller image or tensor")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-
-    async def read() -> bytes:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(CLIENT_CLOSED, "the client disconnected before its "
-                                                  "request body arrived")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    try:
-        if sys.version_info >= (3, 11):  # a timeout scope: no task per request
-            async with asyncio.timeout(timeout_s):
-                return await read()
-        return await asyncio.wait_for(read(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s; "
-                                "send it in one go (the server's --body-timeout-s)") from None
 
 
 class FastPredict:

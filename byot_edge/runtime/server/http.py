@@ -10,6 +10,7 @@ FastAPI's own validation errors 422 with one readable line, and a bug 500.
 
 import asyncio
 import hmac
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -19,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
-from starlette.requests import ClientDisconnect
 
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.metrics import ServerMetrics
@@ -28,34 +28,48 @@ from byot_edge.runtime.server.encode import error_parts
 # nginx's code for "the client closed the connection before the answer": never sent, but
 # the metrics count it apart from the server's own failures (500).
 CLIENT_CLOSED = 499
+# The ASGI receive callable: the next message of a request (body chunks, or a disconnect).
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, or 413 as soon as it is known to be over `limit` bytes, 408 when it has
-    not all arrived within `timeout_s` (a slow or stalled client), 499 if the client left."""
+    """The body of a routed request, under the limits of `read_asgi_body`."""
+    return await read_asgi_body(request.receive, request.headers.get("content-length", "")
+                                .encode("latin-1"), limit, timeout_s)
+
+
+async def read_asgi_body(receive: Receive, declared: bytes | None, limit: int,
+                         timeout_s: float) -> bytes:
+    """The body from ASGI messages under the limits, 413 as
+    soon as it is over `limit`, 408 after `timeout_s`, 499 if the client left."""
     too_big = RequestError(413, f"the upload is over the server's limit of {limit / 2**20:g} "
                                 "MiB; send a smaller image or tensor")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
 
     async def read() -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(CLIENT_CLOSED, "the client disconnected before its "
+                                                  "request body arrived")
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise too_big
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     try:
+        if sys.version_info >= (3, 11):  # a timeout scope: no task per request
+            async with asyncio.timeout(timeout_s):
+                return await read()
         return await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
         raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s; "
                                 "send it in one go (the server's --body-timeout-s)") from None
-    except ClientDisconnect:
-        raise RequestError(CLIENT_CLOSED, "the client disconnected before its request body "
-                                          "arrived") from None
 
 
 async def form_parts(request: Request, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
