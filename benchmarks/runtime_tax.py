@@ -11,6 +11,9 @@ take turns in one interleaved run (byot_edge.timing.interleave), so each ratio p
 from one run:
 
 - `ours/plain`: our path against a plain session with the same options;
+- `ours/answer`: against the plain session followed by the least numpy a user writes to
+  answer from its logits (class and probability): what is left once answering itself is
+  paid for (at batch 1 that numpy is dear: docs/design.md, "The runtime's own time");
 - `ours/own`: against our backend's own session called bare (the same session, so it is
   the runtime's Python alone, without the few percent two sessions of one file differ by);
 - `best/best`: our fastest configuration against the fastest plain session (each
@@ -22,6 +25,9 @@ nothing between them. Targets: at most 1.05x at every exit at batch 1 and 32; th
 at most 1.03x. `--clock thread` times the calling thread's CPU time instead of the wall
 clock (only the 1-thread configuration then): on a machine shared with other busy
 processes it is the figure preemption does not move. Every row records the load average.
+`--repeats R` makes R such runs of every row and prints the median and the range of each
+ratio over them: one run's batch-1 ratios move by about 0.02 between runs, as much as the
+margins the targets leave.
 This supersedes the ONNX Runtime part of benchmarks/backend_overhead.py.
 """
 
@@ -69,9 +75,18 @@ def load_avg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def users_answer(logits: np.ndarray) -> tuple[list[int], list[float]]:
+    """The least a user of a plain session writes to answer: each sample's class and its
+    probability (numpy as one would write it, not the runtime's tuned softmax)."""
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return logits.argmax(axis=1).tolist(), (1.0 / e.sum(axis=1)).tolist()
+
+
 def exit_ways(models: dict[str, AnytimeModel], k: int,
               x: np.ndarray) -> dict[str, Callable[[], object]]:
-    """Per configuration: our predict, a plain session on exit k's file, our own session."""
+    """Per configuration: our predict, a plain session on exit k's file, that session with
+    the user's own answer after it, and our own session."""
     ways: dict[str, Callable[[], object]] = {}
     for config, model in models.items():
         name = artifact_name(EXIT, k)
@@ -80,6 +95,7 @@ def exit_ways(models: dict[str, AnytimeModel], k: int,
         own = model.backend.session(name)  # type: ignore[attr-defined]
         ways[f"ours|{config}"] = lambda m=model: m.predict(x, exit=k)
         ways[f"plain|{config}"] = lambda s=plain, f=feed: s.run(None, f)
+        ways[f"answer|{config}"] = lambda s=plain, f=feed: users_answer(s.run(None, f)[0])
         ways[f"own|{config}"] = lambda s=own, f=feed: s.run(None, f)
     return ways
 
@@ -130,11 +146,11 @@ def measure(ways: dict[str, Callable[[], object]], args: argparse.Namespace) -> 
 
 
 def ratios(p50: dict[str, float]) -> dict[str, float]:
-    """ours/plain and ours/own per configuration, and best ours / best plain."""
+    """ours/plain, ours/answer and ours/own per configuration, and best ours / best plain."""
     out: dict[str, float] = {}
     configs = sorted({name.split("|")[1] for name in p50})
     for config in configs:
-        for base in ("plain", "own"):
+        for base in ("plain", "answer", "own"):
             if f"{base}|{config}" in p50:
                 out[f"ours/{base}|{config}"] = p50[f"ours|{config}"] / p50[f"{base}|{config}"]
     base = "plain" if any(n.startswith("plain|") for n in p50) else "own"
@@ -159,6 +175,20 @@ def show(row: dict[str, Any]) -> None:
     print(f"batch {row['batch']:3d} {what:8s} {best}: {r[best]:.3f}x", flush=True)
 
 
+def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and range of each ratio over the repeated runs of one row (printed too)."""
+    first = runs[0]
+    what = f"exit {first['exit']}" if first["exit"] else "cascade"
+    out: dict[str, Any] = {"batch": first["batch"], "exit": first["exit"], "ratios": {}}
+    for key in first["ratios"]:
+        values = sorted(r["ratios"][key] for r in runs)
+        out["ratios"][key] = {"median": float(np.median(values)), "min": values[0],
+                              "max": values[-1]}
+        print(f"batch {first['batch']:3d} {what:8s} {key}: median {np.median(values):.3f}x "
+              f"(range {values[0]:.3f}-{values[-1]:.3f}, {len(values)} runs)", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +200,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=5.0, help="per way and row")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs per row")
     p.add_argument("--no-cascade", action="store_true")
     p.add_argument("--json", default="docs/results/runtime_tax_cpu.json")
     args = p.parse_args()
@@ -181,7 +212,8 @@ def main() -> None:
     exits = args.exits or list(range(1, first.num_exits + 1))
     print(f"{first.manifest.model['arch']} on {first.backend.device}, clock {args.clock}, "
           f"p50 of {args.runs} runs per way", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
     for batch in args.batch:
         x = np.random.default_rng(0).standard_normal(
             (batch, *first.manifest.input.shape)).astype(first.manifest.input.dtype)
@@ -189,17 +221,23 @@ def main() -> None:
         if not args.no_cascade and first.has_segments():
             cases.append((0, cascade_ways(models, x)))
         for k, ways in cases:
-            row = {"batch": batch, "exit": k, **measure(ways, args)}
-            row["ratios"] = ratios(row["p50_ms"])
-            show(row)
-            rows.append(row)
+            runs = []
+            for repeat in range(args.repeats):
+                row = {"batch": batch, "exit": k, "repeat": repeat, **measure(ways, args)}
+                row["ratios"] = ratios(row["p50_ms"])
+                show(row)
+                runs.append(row)
+            rows += runs
+            if args.repeats > 1:
+                summary.append(summarize_repeats(runs))
     import onnxruntime
 
     out = {"manifest": str(Path(args.manifest).resolve()), "model": first.manifest.model,
            "device": first.backend.device, "cores": os.cpu_count(),
            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
            "config": vars(args), "configs": {c: CONFIGS[c] for c in args.configs},
-           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+           "summary": summary}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")

@@ -11,6 +11,7 @@ from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
     Deadline,
+    Softmax,
     Step,
     confidence,
     deepest_exit_within,
@@ -217,3 +218,15 @@ def test_step_softmax_is_computed_once_and_shared() -> None:
     policy = ConfidenceThresholds((0.3, 0.6), temperatures=(2.0, 1.0, 1.0))
     assert np.array_equal(policy(step), _reference_softmax(logits, 2.0).max(axis=-1) >= 0.3)
     assert step == Step(1, 3, logits)  # the cache is not part of the step's value
+
+
+def test_the_max_softmax_score_is_the_largest_probability_bit_for_bit() -> None:
+    # The cascade scores with 1 / sum(exp(z - max z)) and never divides the other classes:
+    # it must be the maximum of the probabilities themselves, to the last bit.
+    rng = np.random.default_rng(3)
+    for scale in (0.1, 3.0, 40.0):
+        logits = (rng.standard_normal((64, 10)) * scale).astype(np.float32)
+        for t in (1.0, 0.7, 2.5):
+            assert np.array_equal(Softmax(logits, t).max(), softmax(logits, t).max(axis=-1))
+            assert np.array_equal(confidence(logits, "max_softmax", t),
+                                  _reference_softmax(logits, t).max(axis=-1))

@@ -368,13 +368,12 @@ def test_each_request_gets_only_its_own_rows() -> None:
     # Every per-sample field of a batch's result is cut to the request, the probabilities
     # (for top-k) as well.
     from byot_edge.runtime.anytime import CascadeResult
-    from byot_edge.runtime.batching import _slice
 
     n = 5
     result = CascadeResult(np.arange(n), np.linspace(0, 1, n, dtype=np.float32),
                            np.ones(n, np.int64), np.zeros(n), "cascade",
                            probabilities=np.eye(n, dtype=np.float32))
-    part = _slice(result, slice(1, 3))
+    part = result.rows(slice(1, 3))
     for name in ("indices", "confidences", "exits", "latency_ms", "probabilities"):
         assert len(getattr(part, name)) == 2, name
     assert part.probabilities is not None and part.probabilities[0, 1] == 1

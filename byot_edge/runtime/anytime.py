@@ -43,10 +43,10 @@ from byot_edge.runtime.policies import (
     ConfidenceThresholds,
     Deadline,
     Policy,
+    Softmax,
     Step,
     deepest_exit_within,
     exits_to_compute,
-    softmax,
 )
 from byot_edge.runtime.precision import backend_precision_note, threshold_precision_note
 from byot_edge.runtime.preprocess import check_batch
@@ -200,25 +200,20 @@ class AnytimeModel:
                    for k in range(1, self.num_exits + 1))
 
     def _whole(self, k: int, logits: np.ndarray, ms: float, mode: str,
-               p: np.ndarray | None = None) -> CascadeResult:
-        """Exit k answers every sample: the answer arrays are built in one call each (the
-        values `_answer` would write into `_empty`'s). `p`: softmax(logits) at exit k's
-        temperature, where the caller has it."""
-        if p is None:
-            p = softmax(logits, self._temperature(k))
-        n = len(logits)
-        probabilities = p.astype(np.float32)
-        # float32 rounding keeps the order, so this is float32(p.max(axis=-1)) exactly
-        confidences = np.maximum.reduce(probabilities, axis=-1)
-        result = CascadeResult(logits.argmax(axis=-1), confidences, np.full(n, k, np.int64),
-                               np.full(n, ms, np.float64), mode)
-        result.probabilities = probabilities
-        return result
+               sm: Softmax | None = None) -> CascadeResult:
+        """Exit k answers every sample, so the result keeps the exit and the time as numbers
+        and the probabilities as a function (built on first read; `predict` reads none).
+        `sm`: softmax(logits) at exit k's temperature, where the caller has it."""
+        sm = sm or Softmax(logits, self._temperature(k))
+        # float32(1 / sum) is the float32 probabilities' maximum exactly (rounding keeps the
+        # order), as `_answer` writes it
+        confidences = sm.max().astype(np.float32)
+        return CascadeResult(logits.argmax(axis=-1), confidences, k, ms, mode,
+                             probabilities=lambda: sm.probabilities().astype(np.float32))
 
     def _answer(self, result: CascadeResult, where: np.ndarray, k: int, logits: np.ndarray,
-                ms: float, p: np.ndarray | None = None) -> None:
-        if p is None:
-            p = softmax(logits, self._temperature(k))
+                ms: float, p: np.ndarray) -> None:
+        """Exit k answers the samples `where`; `p`: their softmax at its temperature."""
         if result.probabilities is None:
             result.probabilities = np.zeros((len(result.indices), p.shape[-1]), np.float32)
         result.probabilities[where] = p
@@ -347,18 +342,19 @@ class AnytimeModel:
             answered = len(h) if answer is None else int(np.count_nonzero(answer))
             if not answered:
                 continue
-            p = step.probabilities(self._temperature(k))  # the policy's, where it took one
+            sm = step.softmax(self._temperature(k))  # the policy's, where it took one
             if answered == len(h):  # everyone still running answers here
                 if result is None:
-                    result = self._whole(k, logits, elapsed, mode, p)
+                    result = self._whole(k, logits, elapsed, mode, sm)
                 else:
                     assert active is not None
-                    self._answer(result, active, k, logits, elapsed, p)
+                    self._answer(result, active, k, logits, elapsed, sm.probabilities())
                 break
             if result is None:
                 result, active = self._empty(len(x), mode), np.arange(len(x))
             assert answer is not None and active is not None
-            self._answer(result, active[answer], k, logits[answer], elapsed, p[answer])
+            self._answer(result, active[answer], k, logits[answer], elapsed,
+                         sm.probabilities()[answer])
             # Compact: only the samples still running go on to the next step.
             keep = ~answer
             h, active = h[keep], active[keep]

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -143,13 +143,6 @@ class _Run:
 def _exit_counts(exits: np.ndarray) -> dict[int, int]:
     ks, counts = np.unique(exits, return_counts=True)
     return dict(zip(ks.tolist(), counts.tolist(), strict=True))
-
-
-def _slice(result: CascadeResult, s: slice) -> CascadeResult:
-    """One request's rows of a batch's result (every per-sample field)."""
-    probs = None if result.probabilities is None else result.probabilities[s]
-    return replace(result, indices=result.indices[s], confidences=result.confidences[s],
-                   exits=result.exits[s], latency_ms=result.latency_ms[s], probabilities=probs)
 
 
 class Batcher:
@@ -330,7 +323,7 @@ class Batcher:
                 self.metrics.queue_seconds.observe(queue_ms / 1e3)
             if not job.future.done():
                 job.future.set_result(Answer(
-                    _slice(result, s), None if probs is None else probs[s], len(x),
+                    result.rows(s), None if probs is None else probs[s], len(x),
                     len(group), queue_ms,
                     None if run.ranked_classes is None else run.ranked_classes[s],
                     None if run.ranked_probabilities is None else run.ranked_probabilities[s]))

@@ -43,22 +43,48 @@ _max = np.maximum.reduce
 _sum = np.add.reduce
 
 
+class Softmax:
+    """softmax(logits / temperature) over the last axis, in float64 so that every caller (the
+    runtime, the server, offline replays) gets bit-identical scores, computed only as far as
+    asked: the max-softmax score needs the normaliser alone, the probabilities one more pass.
+
+    As few and as plain numpy calls as the arithmetic allows, in place, arguments by position:
+    at batch 1 each call costs far more than its arithmetic, the more so right after an
+    inference has evicted numpy from the caches (docs/design.md, "The runtime's own time";
+    there a subtract that casts, and keyword arguments, cost 20 us more than this). The
+    values are bit for bit those of
+    exp(z - max(z)) / sum with z = float64(logits) / T computed step by step (casting to
+    float64 is exact, so the float32 maximum is z's).
+    """
+
+    __slots__ = ("_exp", "_p", "_sum")
+
+    def __init__(self, logits: np.ndarray, temperature: float = 1.0) -> None:
+        z = np.asarray(logits).astype(np.float64)
+        if temperature != 1.0:
+            z /= float(temperature)
+        z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
+        np.exp(z, z)
+        self._exp = z
+        self._sum = _sum(z, -1, None, None, True)
+        self._p: np.ndarray | None = None
+
+    def max(self) -> np.ndarray:
+        """The largest probability of each row, [...]: 1 / sum, since the largest exp(z -
+        max z) is exp(0) = 1 exactly; so probabilities().max(-1) bit for bit."""
+        return np.divide(1.0, self._sum[..., 0])
+
+    def probabilities(self) -> np.ndarray:
+        """[..., C] float64 (computed once, in place; do not modify it)."""
+        if self._p is None:
+            self._exp /= self._sum
+            self._p = self._exp
+        return self._p
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax over the last axis, in float64 so every caller gets bit-identical scores."""
-    # As few numpy calls as the arithmetic allows, in place: at batch 1 each call costs far
-    # more than its arithmetic, the more so right after an inference has evicted numpy from
-    # the caches (docs/design.md, "The runtime's own time"). The values are bit for bit
-    # those of exp(z - max(z)) / sum with z = float64(logits) / T computed step by step
-    # (casting to float64 is exact, so the float32 maximum is z's).
-    logits = np.asarray(logits)
-    if temperature == 1.0:
-        z = np.subtract(logits, _max(logits, axis=-1, keepdims=True), dtype=np.float64)
-    else:
-        z = np.divide(logits, float(temperature), dtype=np.float64)
-        z -= _max(z, axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= _sum(z, axis=-1, keepdims=True)
-    return z
+    """Softmax over the last axis, in float64 (see `Softmax`)."""
+    return Softmax(logits, temperature).probabilities()
 
 
 def confidence(logits: np.ndarray, criterion: str = "max_softmax",
@@ -69,7 +95,14 @@ def confidence(logits: np.ndarray, criterion: str = "max_softmax",
     entropy: 1 - H(p) / log(C), so a one-hot prediction scores 1 and a uniform one 0.
     """
     check_criterion(criterion)
-    return confidence_of(softmax(logits, temperature), criterion)
+    return scores_of(Softmax(logits, temperature), criterion)
+
+
+def scores_of(sm: Softmax, criterion: str) -> np.ndarray:
+    """`confidence` from the softmax of the logits (the max-softmax score without the
+    probabilities themselves)."""
+    return sm.max() if criterion == "max_softmax" else confidence_of(sm.probabilities(),
+                                                                     criterion)
 
 
 def confidence_of(p: np.ndarray, criterion: str) -> np.ndarray:
@@ -84,7 +117,7 @@ def confidence_of(p: np.ndarray, criterion: str) -> np.ndarray:
     return 1.0 - h / np.log(num_classes) if num_classes > 1 else np.ones(p.shape[:-1])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: its __init__ then costs half (one Step per step)
 class Step:
     """What a policy sees after exit `exit` ran on the samples still in the cascade."""
 
@@ -97,15 +130,18 @@ class Step:
     next_cost_ms: float | None = None
     # softmax(logits) by temperature, computed once per step: the policy scores with it and
     # the anytime model answers with it
-    _softmax: dict[float, np.ndarray] = field(default_factory=dict, init=False, compare=False,
-                                              repr=False)
+    _softmax: dict[float, Softmax] = field(default_factory=dict, init=False, compare=False,
+                                           repr=False)
+
+    def softmax(self, temperature: float = 1.0) -> Softmax:
+        sm = self._softmax.get(temperature)
+        if sm is None:
+            sm = self._softmax[temperature] = Softmax(self.logits, temperature)
+        return sm
 
     def probabilities(self, temperature: float = 1.0) -> np.ndarray:
         """softmax(self.logits, temperature), [n, C] float64; do not modify it."""
-        p = self._softmax.get(temperature)
-        if p is None:
-            p = self._softmax[temperature] = softmax(self.logits, temperature)
-        return p
+        return self.softmax(temperature).probabilities()
 
 
 class Policy(Protocol):
@@ -159,8 +195,8 @@ class ConfidenceThresholds:
     def __call__(self, step: Step) -> np.ndarray:
         if step.exit >= step.num_exits:
             return _all(step, True)
-        p = step.probabilities(self.temperature(step.exit))
-        return confidence_of(p, self.criterion) >= self.values[step.exit - 1]
+        sm = step.softmax(self.temperature(step.exit))
+        return scores_of(sm, self.criterion) >= self.values[step.exit - 1]
 
     def worst_case(self) -> ConfidenceThresholds:
         """The same cascade for a sample that every exit it can pass lets go: thresholds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,16 @@ def _expected(spec: InputSpec) -> str:
 
 def check_batch(batch: Any, spec: InputSpec) -> np.ndarray:
     """The batch as a contiguous array, or a ByotError naming what the manifest expects."""
-    if hasattr(batch, "detach"):  # a torch tensor
-        batch = batch.detach().cpu().numpy()
-    if not isinstance(batch, np.ndarray):
-        raise ByotError(f"expected a numpy array {_expected(spec)}, got {type(batch).__name__}")
+    # An exact type test first: hasattr on an array raises and catches an AttributeError,
+    # which costs more than the rest of the check (docs/design.md, "The runtime's own time").
+    if type(batch) is not np.ndarray:
+        if hasattr(batch, "detach"):  # a torch tensor
+            batch = batch.detach().cpu().numpy()
+        if not isinstance(batch, np.ndarray):
+            raise ByotError(f"expected a numpy array {_expected(spec)}, got "
+                            f"{type(batch).__name__}")
     c, h, w = spec.shape
-    if batch.ndim == 4 and tuple(batch.shape[1:]) == (c, h, w) and len(batch):
+    if batch.ndim == 4 and batch.shape[1:] == (c, h, w) and len(batch):
         return _checked_values(batch, spec)  # the usual case, without building messages
     want = _expected(spec)
     if batch.ndim == 3 and tuple(batch.shape) == (c, h, w):
@@ -44,15 +50,25 @@ def check_batch(batch: Any, spec: InputSpec) -> np.ndarray:
     return _checked_values(batch, spec)
 
 
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
 def _checked_values(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
     """dtype and finiteness of a batch of the right shape."""
-    if batch.dtype != np.dtype(spec.dtype):
+    if batch.dtype != _dtype(spec.dtype):
         want = _expected(spec)
         hint = (" of raw pixels; normalise them with byot_edge.runtime.preprocess.normalise"
                 if batch.dtype == np.uint8 else f"; cast it with x.astype(np.{spec.dtype})")
         raise ByotError(f"expected {want} normalised with mean {spec.mean} and std {spec.std}, "
                         f"got dtype {batch.dtype}{hint}")
-    if np.isfinite(batch).all():
+    # One reduction instead of isfinite + all (at batch 1 each numpy call counts: see
+    # docs/design.md, "The runtime's own time"): a NaN or inf anywhere makes the sum
+    # non-finite, and float32 or float16 values cannot overflow a float64 sum (a float64
+    # batch that does takes the exact check).
+    if (math.isfinite(np.add.reduce(batch, axis=None, dtype=np.float64))
+            or np.isfinite(batch).all()):
         return np.ascontiguousarray(batch)
     bad = np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
     raise ByotError(f"sample(s) {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} of the "
