@@ -626,3 +626,22 @@ def test_the_inference_thread_returns_results_and_errors() -> None:
     thread.shutdown()
     with pytest.raises(BatcherClosed):  # not a future nobody would ever settle
         asyncio.run(thread.call(lambda: 1))
+
+
+def test_the_v2_routes_serve_the_model_under_its_configured_name(
+        model: GatedModel, deployed: Deployed) -> None:
+    model.gate.set()
+    with serving(model, model_name="cifar-byot.v1") as c:
+        assert c.get("/v2/models/cifar-byot.v1/ready").status_code == 200
+        meta = c.get("/v2/models/cifar-byot.v1").json()
+        assert meta["name"] == "cifar-byot.v1"
+        missing = c.get("/v2/models/byot")
+        assert missing.status_code == 404 and "'cifar-byot.v1'" in missing.json()["error"]
+        x = np.zeros((1, *model.manifest.input.shape), np.float32)
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                            "data": x.ravel().tolist()}], "parameters": {"exit": 1}}
+        r = c.post("/v2/models/cifar-byot.v1/infer", json=body)
+        assert r.status_code == 200 and r.json()["model_name"] == "cifar-byot.v1"
+    for bad in ("", "a/b", "-x", "a b"):
+        with pytest.raises(ByotError, match="--model-name"):
+            ServeConfig(model_name=bad)

@@ -134,6 +134,9 @@ def serve_command(
         help="Server processes sharing the port, each with its own model, batcher, queue "
              "and metrics (one Python process tops out at about one core of HTTP work).")
     ] = 1,
+    model_name: Annotated[str, typer.Option(
+        help="The model's name on the Open Inference Protocol routes, /v2/models/NAME (a "
+             "Triton client's model name).")] = "byot",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an exported model over HTTP, answering each request from the shallowest
@@ -147,7 +150,7 @@ def serve_command(
     at_least(workers, 1, "--workers")
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_upload_mb=max_upload_mb, body_timeout_s=body_timeout_s,
-                         token=token)
+                         token=token, model_name=model_name)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from byot_edge.errors import ByotError
 from byot_edge.runtime.decode import Limits
+from byot_edge.triton.protocol import DEFAULT_MODEL_NAME
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,9 @@ class ServeConfig:
     # POST /v1/predict's common case without FastAPI's per-request work (server.fast);
     # False: every request through the FastAPI route (the same answers, slower).
     fast_path: bool = True
+    # The model's name on the Open Inference Protocol routes (/v2/models/{name}/...), so a
+    # client written for a Triton model of that name works unchanged.
+    model_name: str = DEFAULT_MODEL_NAME
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,
@@ -38,6 +45,10 @@ class ServeConfig:
         if bad:
             raise ByotError(f"invalid server settings: {', '.join(bad)} out of range "
                             "(max_wait_ms and shutdown_timeout_s >= 0, the others positive)")
+        if not MODEL_NAME.fullmatch(self.model_name):
+            raise ByotError(f"invalid model name {self.model_name!r} (--model-name): use "
+                            "letters, digits, '.', '_' and '-', as a URL path segment, "
+                            "starting with a letter or digit")
         if self.token is not None and not self.token.strip():
             raise ByotError("the bearer token is empty; pass a non-empty --token or unset "
                             "BYOT_EDGE_TOKEN")

@@ -33,7 +33,6 @@ from byot_edge.runtime.server.context import ServerContext
 from byot_edge.runtime.server.http import read_body
 from byot_edge.triton.config import DATATYPES, WIRE_DATATYPES
 from byot_edge.triton.protocol import (
-    DEFAULT_MODEL_NAME,
     INPUT,
     OUTPUTS,
     answer_tensors,
@@ -154,11 +153,13 @@ def model_metadata(model: AnytimeModel, name: str) -> dict[str, Any]:
     }
 
 
-def oip_router(ctx: ServerContext, name: str = DEFAULT_MODEL_NAME) -> APIRouter:
-    """The /v2 routes for the served model, on the server's context: the same bearer token,
-    admission (queue bound, 503 with Retry-After), body limits and batcher as /v1/predict."""
+def oip_router(ctx: ServerContext) -> APIRouter:
+    """The /v2 routes for the served model (named by the config's model_name), on the
+    server's context: the same bearer token, admission (queue bound, 503 with Retry-After),
+    body limits and batcher as /v1/predict."""
     router = APIRouter(tags=["open inference protocol v2"])
     model, config, guarded = ctx.model, ctx.config, list(ctx.protect)
+    name = config.model_name
 
     def error(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
         headers = (None if retry_after is None
