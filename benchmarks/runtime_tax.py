@@ -202,7 +202,7 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=5.0, help="per way and row")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per row")
     p.add_argument("--no-cascade", action="store_true")
-    p.add_argument("--json", default="docs/results/runtime_tax_cpu.json")
+    p.add_argument("--json", default="runtime_tax_cpu.json")
     args = p.parse_args()
     if args.clock == "thread":  # worker threads' time would not be counted
         args.configs = ["1 thread"]

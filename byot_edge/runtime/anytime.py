@@ -201,15 +201,18 @@ class AnytimeModel:
 
     def _whole(self, k: int, logits: np.ndarray, ms: float, mode: str,
                sm: Softmax | None = None) -> CascadeResult:
-        """Exit k answers every sample, so the result keeps the exit and the time as numbers
-        and the probabilities as a function (built on first read; `predict` reads none).
-        `sm`: softmax(logits) at exit k's temperature, where the caller has it."""
+        """Exit k answers every sample: the answer arrays are built in one call each (the
+        values `_answer` would write into `_empty`'s). `sm`: softmax(logits) at exit k's
+        temperature, where the caller has it."""
         sm = sm or Softmax(logits, self._temperature(k))
-        # float32(1 / sum) is the float32 probabilities' maximum exactly (rounding keeps the
-        # order), as `_answer` writes it
-        confidences = sm.max().astype(np.float32)
-        return CascadeResult(logits.argmax(axis=-1), confidences, k, ms, mode,
-                             probabilities=lambda: sm.probabilities().astype(np.float32))
+        n = len(logits)
+        probabilities = sm.probabilities().astype(np.float32)
+        # float32 rounding keeps the order, so this is float32(p.max(axis=-1)) exactly
+        confidences = np.maximum.reduce(probabilities, axis=-1)
+        result = CascadeResult(logits.argmax(axis=-1), confidences, np.full(n, k, np.int64),
+                               np.full(n, ms, np.float64), mode)
+        result.probabilities = probabilities
+        return result
 
     def _answer(self, result: CascadeResult, where: np.ndarray, k: int, logits: np.ndarray,
                 ms: float, p: np.ndarray) -> None:

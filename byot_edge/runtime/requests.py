@@ -6,8 +6,8 @@ benchmarks share them without the model itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,15 +38,10 @@ class PredictOptions:
     def __post_init__(self) -> None:
         # The batcher groups requests by their options: a list would be unhashable (and
         # stop its worker), and [0.9] must group with (0.9,).
-        # (The None test first spares most requests an abstract-class check.)
-        if (self.threshold is not None and isinstance(self.threshold, Sequence)
-                and not isinstance(self.threshold, tuple)):
+        if isinstance(self.threshold, Sequence) and not isinstance(self.threshold, tuple):
             object.__setattr__(self, "threshold", tuple(self.threshold))
 
     def validate(self, num_exits: int) -> None:
-        if (self.threshold is None and self.budget_ms is None and self.criterion is None
-                and self.stat == "p50" and (self.exit is None or 1 <= self.exit <= num_exits)):
-            return  # a fixed exit or the calibrated thresholds: nothing else to check
         if self.exit is not None and (self.threshold is not None or self.budget_ms is not None):
             raise ByotError("choose either exit, or threshold and/or budget_ms, not both")
         if self.exit is not None and not 1 <= self.exit <= num_exits:
@@ -69,78 +64,32 @@ class PredictOptions:
         check_stat(self.stat)
 
 
+@dataclass
 class CascadeResult:
-    """A batch's answers, in input order, and what was run.
-
-    `exits`, `latency_ms` and `probabilities` may be given in a compact form and are built
-    when first read: an exit number and a time when one exit answered everyone, and a
-    function for the probabilities. At batch 1 building arrays nobody reads costs more than
-    their arithmetic (docs/design.md, "The runtime's own time"), and `predict` reads none.
-    """
-
-    __slots__ = ("_exits", "_latency_ms", "_probabilities", "calls", "confidences", "indices",
-                 "mode", "step_ms", "warnings")
-
-    def __init__(self, indices: np.ndarray, confidences: np.ndarray, exits: np.ndarray | int,
-                 latency_ms: np.ndarray | float, mode: str,
-                 calls: list[tuple[str, int]] | None = None,
-                 probabilities: np.ndarray | Callable[[], np.ndarray] | None = None,
-                 warnings: list[str] | None = None,
-                 step_ms: list[tuple[int, float]] | None = None) -> None:
-        self.indices = indices  # [N] int64 class indices
-        self.confidences = confidences  # [N] float32
-        self._exits = exits
-        self._latency_ms = latency_ms
-        self.mode = mode  # "exit", "budget", "cascade" or "deadline"
-        self.calls = calls if calls is not None else []  # (artifact, samples), in order
-        self._probabilities = probabilities
-        self.warnings = warnings if warnings is not None else []
-        # (exit, ms since the cascade's first step started) at the end of each step it ran
-        self.step_ms = step_ms if step_ms is not None else []
-
-    @property
-    def exits(self) -> np.ndarray:
-        """[N] int64, 1..K: the exit that answered each sample."""
-        if not isinstance(self._exits, np.ndarray):
-            self._exits = np.full(len(self.indices), self._exits, np.int64)
-        return self._exits
-
-    @property
-    def latency_ms(self) -> np.ndarray:
-        """[N] float64: from the start of the run until each sample was answered."""
-        if not isinstance(self._latency_ms, np.ndarray):
-            self._latency_ms = np.full(len(self.indices), self._latency_ms, np.float64)
-        return self._latency_ms
-
-    @property
-    def probabilities(self) -> np.ndarray | None:
-        """[N, C] float32 class probabilities at each sample's answering exit
-        (temperature-scaled as the confidences are), for top-k answers; None: unknown."""
-        if callable(self._probabilities):
-            self._probabilities = self._probabilities()
-        return self._probabilities
-
-    @probabilities.setter
-    def probabilities(self, value: np.ndarray | None) -> None:
-        self._probabilities = value
+    indices: np.ndarray  # [N] int64 class indices
+    confidences: np.ndarray  # [N] float32
+    exits: np.ndarray  # [N] int64, 1..K
+    latency_ms: np.ndarray  # [N] float64
+    mode: str  # "exit", "budget", "cascade" or "deadline"
+    calls: list[tuple[str, int]] = field(default_factory=list)  # (artifact, samples), in order
+    # [N, C] class probabilities at each sample's answering exit (temperature-scaled as the
+    # confidences are), for top-k answers
+    probabilities: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+    # (exit, ms since the cascade's first step started) at the end of each step it ran
+    step_ms: list[tuple[int, float]] = field(default_factory=list)
 
     def rows(self, s: slice) -> CascadeResult:
         """The samples `s` of this result (every per-sample field), as a result of its own."""
-        probs = self.probabilities
-        return CascadeResult(self.indices[s], self.confidences[s], self.exits[s],
-                             self.latency_ms[s], self.mode, self.calls,
-                             None if probs is None else probs[s], self.warnings, self.step_ms)
+        probs = None if self.probabilities is None else self.probabilities[s]
+        return replace(self, indices=self.indices[s], confidences=self.confidences[s],
+                       exits=self.exits[s], latency_ms=self.latency_ms[s], probabilities=probs)
 
     def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
-        # tolist: Python numbers in one call per array, not a numpy scalar per element; the
-        # compact forms without an array at all
-        n, known = len(self.indices), len(class_names)
-        exits = (self._exits.tolist() if isinstance(self._exits, np.ndarray)
-                 else [self._exits] * n)
-        ms = (self._latency_ms.tolist() if isinstance(self._latency_ms, np.ndarray)
-              else [self._latency_ms] * n)
+        # tolist: Python numbers in one call per array, not a numpy scalar per element
+        known = len(class_names)
         return [
             Prediction(i, class_names[i] if 0 <= i < known else str(i), c, e, t)
-            for i, c, e, t in zip(self.indices.tolist(), self.confidences.tolist(), exits, ms,
-                                  strict=True)
+            for i, c, e, t in zip(self.indices.tolist(), self.confidences.tolist(),
+                                  self.exits.tolist(), self.latency_ms.tolist(), strict=True)
         ]
