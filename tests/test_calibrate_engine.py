@@ -210,3 +210,20 @@ def test_static_batch_files_are_fed_whole_batches(tmp_path):
     assert (val.backend, val.precision) == ("onnxruntime", "fp32")
     data, _ = validation_arrays(load_manifest(out), tmp_path)
     assert np.array_equal(val.labels, data.labels)
+
+
+def test_the_triton_cascade_knows_it_serves_int8_segments(cal_folder):
+    # In BLS mode the cascade runs the repository's segment models, which are the folder's
+    # int8 segment files: its thresholds' precision check must see int8, not assume fp32.
+    from byot_edge.triton.bls import TritonBLSBackend
+
+    def bls_model() -> AnytimeModel:
+        manifest = load_manifest(cal_folder)
+        return AnytimeModel(manifest, TritonBLSBackend(manifest, {}, pb_utils=None))
+
+    model = bls_model()
+    assert model.backend.files_precision() == "int8"
+    assert model._calibrated_precision_notes() == []  # int8 thresholds on int8 segments
+    _set_precision(cal_folder, "fp32")
+    notes = bls_model()._calibrated_precision_notes()
+    assert len(notes) == 1 and "runs int8 files" in notes[0]

@@ -14,7 +14,13 @@ import numpy as np
 
 from byot_edge.errors import ByotError
 from byot_edge.manifest import SEGMENT_ONNX, SEGMENT_TRT, Manifest
-from byot_edge.runtime.backends.base import ArtifactIO, Backend, io_from_entry, parse_artifact
+from byot_edge.runtime.backends.base import (
+    ArtifactIO,
+    Backend,
+    files_precision,
+    io_from_entry,
+    parse_artifact,
+)
 from byot_edge.runtime.backends.base import parse_span as _parse_span
 from byot_edge.runtime.backends.devices import cpu_name, gpu_name
 
@@ -47,6 +53,11 @@ class TritonBLSBackend(Backend):
     @property
     def device(self) -> str:
         return self._device
+
+    def files_precision(self) -> str:
+        # The segment models are the manifest's segment files (int8 ones for an int8
+        # folder): the anytime model's threshold-precision warning reads this.
+        return files_precision(self.manifest, [self._kind])
 
     def _provides(self, artifact: str) -> bool:
         return artifact in self._models
