@@ -223,6 +223,7 @@ def test_the_triton_cascade_knows_it_serves_int8_segments(cal_folder):
 
     model = bls_model()
     assert model.backend.files_precision() == "int8"
+    assert model._backend_note is None  # it runs the int8 files, not the fp32 weights
     assert model._calibrated_precision_notes() == []  # int8 thresholds on int8 segments
     _set_precision(cal_folder, "fp32")
     notes = bls_model()._calibrated_precision_notes()
