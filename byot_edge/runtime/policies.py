@@ -52,12 +52,11 @@ class Softmax:
     at batch 1 each call costs far more than its arithmetic, the more so right after an
     inference has evicted numpy from the caches (docs/design.md, "The runtime's own time";
     there a subtract that casts, and keyword arguments, cost 20 us more than this). The
-    values are bit for bit those of
-    exp(z - max(z)) / sum with z = float64(logits) / T computed step by step (casting to
-    float64 is exact, so the float32 maximum is z's).
+    values are bit for bit those of exp(z - max(z)) / sum with z = float64(logits) / T
+    computed step by step (casting to float64 is exact, so the float32 maximum is z's).
     """
 
-    __slots__ = ("_exp", "_p", "_sum")
+    __slots__ = ("_exp", "_normalised", "_sum")
 
     def __init__(self, logits: np.ndarray, temperature: float = 1.0) -> None:
         z = np.asarray(logits).astype(np.float64)
@@ -67,7 +66,7 @@ class Softmax:
         np.exp(z, z)
         self._exp = z
         self._sum = _sum(z, -1, None, None, True)
-        self._p: np.ndarray | None = None
+        self._normalised = False  # whether _exp has been divided into the probabilities
 
     def max(self) -> np.ndarray:
         """The largest probability of each row, [...]: 1 / sum, since the largest exp(z -
@@ -76,10 +75,10 @@ class Softmax:
 
     def probabilities(self) -> np.ndarray:
         """[..., C] float64 (computed once, in place; do not modify it)."""
-        if self._p is None:
+        if not self._normalised:
             self._exp /= self._sum
-            self._p = self._exp
-        return self._p
+            self._normalised = True
+        return self._exp
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

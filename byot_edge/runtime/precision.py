@@ -28,8 +28,8 @@ def threshold_precision_note(thresholds: Thresholds, backend: Backend) -> str | 
 
 def backend_precision_note(manifest: Manifest, backend: Backend) -> str | None:
     """A warning when the torch backend stands in for a folder of quantized ONNX files."""
-    if backend.file_kinds is not None or backend.files_precision() != "fp32":
-        return None  # it runs files, or (Triton's segment models) says what they are
+    if backend.file_kinds is not None:
+        return None
     onnx = {e.files[kind].precision for e in manifest.exits
             for kind in (TRUNCATED_ONNX, SEGMENT_ONNX) if kind in e.files}
     quantized = sorted(onnx - {"fp32"})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,14 +49,9 @@ def check_batch(batch: Any, spec: InputSpec) -> np.ndarray:
     return _checked_values(batch, spec)
 
 
-@functools.cache
-def _dtype(name: str) -> np.dtype:
-    return np.dtype(name)
-
-
 def _checked_values(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
     """dtype and finiteness of a batch of the right shape."""
-    if batch.dtype != _dtype(spec.dtype):
+    if batch.dtype != np.dtype(spec.dtype):
         want = _expected(spec)
         hint = (" of raw pixels; normalise them with byot_edge.runtime.preprocess.normalise"
                 if batch.dtype == np.uint8 else f"; cast it with x.astype(np.{spec.dtype})")

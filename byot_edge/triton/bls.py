@@ -15,9 +15,9 @@ import numpy as np
 from byot_edge.errors import ByotError
 from byot_edge.manifest import SEGMENT_ONNX, SEGMENT_TRT, Manifest
 from byot_edge.runtime.backends.base import (
+    SEGMENT,
     ArtifactIO,
     Backend,
-    files_precision,
     io_from_entry,
     parse_artifact,
 )
@@ -47,6 +47,9 @@ class TritonBLSBackend(Backend):
         # Latency profiles are looked up by the backend that runs the segment files.
         self.name = backend  # type: ignore[misc]
         self._kind = SEGMENT_TRT if backend == "tensorrt" else SEGMENT_ONNX
+        # The segment models are the manifest's segment files of that kind (int8 ones for an
+        # int8 folder): what the runtime's precision warnings read (files_precision).
+        self.file_kinds = {SEGMENT: self._kind}  # type: ignore[misc]
         self._device = device_name(backend)
         self._outputs: dict[str, list[str]] = {}
 
@@ -54,10 +57,6 @@ class TritonBLSBackend(Backend):
     def device(self) -> str:
         return self._device
 
-    def files_precision(self) -> str:
-        # The segment models are the manifest's segment files (int8 ones for an int8
-        # folder): the anytime model's threshold-precision warning reads this.
-        return files_precision(self.manifest, [self._kind])
 
     def _provides(self, artifact: str) -> bool:
         return artifact in self._models

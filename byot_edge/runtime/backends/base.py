@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,14 +91,6 @@ def io_from_entry(entry: FileEntry, where: str) -> ArtifactIO:
     return ArtifactIO(entry.inputs[0].name, logits[0].name, section[0] if section else None)
 
 
-def files_precision(manifest: Manifest, kinds: Iterable[str]) -> str:
-    """What the manifest's files of these kinds compute in: "fp32", "fp16", "int8", or
-    "mixed" when they differ ("fp32" when there are none)."""
-    found = {entry.files[kind].precision for kind in kinds
-             for entry in manifest.exits if kind in entry.files}
-    return found.pop() if len(found) == 1 else "mixed" if found else "fp32"
-
-
 class Backend(ABC):
     """One inference engine serving a manifest's artifacts."""
 
@@ -158,7 +150,7 @@ class Backend(ABC):
         return self._io[artifact]
 
     def run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        io = self._io.get(artifact) or self.load(artifact)
+        io = self.load(artifact)
         if len(inputs) != 1 or io.input not in inputs:
             raise ByotError(f"{artifact} takes one input named {io.input!r}, got "
                             f"{sorted(inputs)}")
@@ -178,7 +170,9 @@ class Backend(ABC):
         weights."""
         if self.file_kinds is None:
             return "fp32"
-        return files_precision(self.manifest, self.file_kinds.values())
+        found = {entry.files[kind].precision for kind in self.file_kinds.values()
+                 for entry in self.manifest.exits if kind in entry.files}
+        return found.pop() if len(found) == 1 else "mixed" if found else "fp32"
 
     def verify_files(self) -> None:
         """Check every file this backend would read against the manifest's sha256 now, so a
