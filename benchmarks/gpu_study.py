@@ -286,7 +286,8 @@ def _mode_row(name: str, batch: int, timed: Timed[_Call], num_exits: int) -> dic
     return {"mode": name, "batch": batch, "calls": len(calls),
             "timer": "cuda events" if cuda_ms else "wall clock",
             "ms": st, "wall_ms": _stats(timed.ms), "images_per_s": batch * 1e3 / st["mean"],
-            "top1": sum(int((c.result.indices == c.labels).sum()) for c in calls) / samples,
+            "top1": sum(int((np.asarray(c.result.indices) == c.labels).sum())
+                        for c in calls) / samples,
             "exit_share": (exits[1:] / samples).tolist()}
 
 

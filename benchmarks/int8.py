@@ -149,9 +149,9 @@ def cascade_test(model: Any, x: np.ndarray, labels: np.ndarray, options: Any = N
     for i in range(0, len(x), chunk):
         r = model.run(x[i:i + chunk], options)
         exits.append(r.exits)
-        hits += int((r.indices == labels[i:i + chunk]).sum())
+        hits += int((np.asarray(r.indices) == labels[i:i + chunk]).sum())
         d = model.run(x[i:i + chunk], PredictOptions(exit=k_max))
-        deepest_hits += int((d.indices == labels[i:i + chunk]).sum())
+        deepest_hits += int((np.asarray(d.indices) == labels[i:i + chunk]).sum())
     shares = np.bincount(np.concatenate(exits), minlength=k_max + 1)[1:] / len(x)
     return {"top1": hits / len(x), "deepest_top1": deepest_hits / len(x),
             "exit_fractions": shares.tolist()}

@@ -124,7 +124,8 @@ def cascade_ways(models: dict[str, AnytimeModel],
     for config, model in models.items():
         never = ConfidenceThresholds.for_model(NEVER, model.num_exits)
         plan = Plan.every_exit(model.num_exits)
-        ways[f"ours|{config}"] = lambda m=model, p=never, q=plan: m.run_policy(x, p, q)
+        ways[f"ours|{config}"] = (  # answers as predict() makes them: no probabilities
+            lambda m=model, p=never, q=plan: m.run_policy(x, p, q, probabilities=False))
         ways[f"own|{config}"] = bare_chain(model, x)
     return ways
 

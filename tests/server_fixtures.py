@@ -85,7 +85,7 @@ def _median_thresholds(model: AnytimeModel, batch: np.ndarray) -> list[float]:
     images leave at each exit, and none sits near a threshold."""
     out = []
     for k in range(1, model.num_exits):
-        s = np.sort(model.run(batch, PredictOptions(exit=k)).confidences.astype(np.float64))
+        s = np.sort(model.run(batch, PredictOptions(exit=k)).confidences)
         mid = len(s) // 2
         out.append(float((s[mid - 1] + s[mid]) / 2))
     return out

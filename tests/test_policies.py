@@ -8,7 +8,9 @@ import pytest
 from byot_edge.errors import ByotError
 from byot_edge.plans import Plan, all_plans
 from byot_edge.runtime.policies import (
+    CRITERIA,
     NEVER,
+    PYTHON_MAX_LOGITS,
     ConfidenceThresholds,
     Deadline,
     Softmax,
@@ -58,13 +60,13 @@ def test_unknown_criterion_names_the_choices() -> None:
 def test_thresholds_answer_confident_samples_and_the_deepest_answers_all() -> None:
     logits = np.array([[5.0, 0.0], [0.1, 0.0], [0.0, 3.0]])
     policy = ConfidenceThresholds.for_model(0.9, num_exits=3)
-    assert policy(Step(1, 3, logits)).tolist() == [True, False, True]
-    assert policy(Step(3, 3, logits)).all()
+    assert policy(Step(1, 3, logits)) == [True, False, True]
+    assert policy(Step(3, 3, logits)) == [True] * 3
     per_exit = ConfidenceThresholds.for_model([0.99, 0.5], num_exits=3)
-    assert per_exit(Step(1, 3, logits)).tolist() == [True, False, False]
-    assert per_exit(Step(2, 3, logits)).all()
+    assert per_exit(Step(1, 3, logits)) == [True, False, False]
+    assert per_exit(Step(2, 3, logits)) == [True] * 3
     off = ConfidenceThresholds.for_model(NEVER, num_exits=3)
-    assert not off(Step(1, 3, logits)).any()
+    assert off(Step(1, 3, logits)) == [False] * 3
 
 
 def test_threshold_count_is_checked() -> None:
@@ -181,12 +183,13 @@ def test_a_plan_is_the_exits_that_are_on_ending_at_the_deepest() -> None:
 
 
 def _reference_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax as written before it was tuned: copy, divide, shift, exp, normalise."""
+    """softmax written the plain way: copy, divide, shift, exp, sum from the first class to
+    the last, normalise."""
     z = np.asarray(logits, dtype=np.float64)
     if temperature != 1.0:
         z = z / float(temperature)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return e / np.add.accumulate(e, axis=-1)[..., -1:]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -230,3 +233,35 @@ def test_the_max_softmax_score_is_the_largest_probability_bit_for_bit() -> None:
             assert np.array_equal(Softmax(logits, t).max(), softmax(logits, t).max(axis=-1))
             assert np.array_equal(confidence(logits, "max_softmax", t),
                                   _reference_softmax(logits, t).max(axis=-1))
+
+
+def test_python_floats_and_numpy_score_alike_to_the_last_bit() -> None:
+    # Small inputs are scored in Python floats, large ones in numpy (PYTHON_MAX_LOGITS): a
+    # row must get the same bits either way, or a sample answered alone would not be
+    # answered as it is inside a batch, or as calibration replayed it.
+    rng = np.random.default_rng(5)
+    for c in (2, 10, 100):
+        n = PYTHON_MAX_LOGITS // c * 4
+        logits = (rng.standard_normal((n, c)) * rng.uniform(0.5, 30)).astype(np.float32)
+        logits[0, :2] = logits[0].max() + 1  # a tie: the first largest is the class
+        big = logits[: PYTHON_MAX_LOGITS // c + 1]  # one row past the Python floats' limit
+        for t in (1.0, 0.7, 2.5):
+            whole = Softmax(big, t)
+            for i in range(0, len(big), 3):
+                alone = Softmax(big[i:i + 3], t)
+                assert alone.max() == whole.max()[i:i + 3]
+                assert alone.classes() == whole.classes()[i:i + 3]
+                assert np.array_equal(alone.probabilities(), whole.probabilities()[i:i + 3])
+            for criterion in CRITERIA:
+                assert np.array_equal(confidence(big[:2], criterion, t),
+                                      confidence(big, criterion, t)[:2])
+        assert Softmax(logits[:1]).classes() == [0] == Softmax(logits).classes()[:1]
+    # Rows with NaN or inf score NaN in both, and name the class numpy's argmax names.
+    odd = np.array([[1.0, np.nan, 3.0], [np.inf, 0.0, np.inf], [-np.inf, 2.0, 1.0]])
+    odd_big = np.tile(odd, (PYTHON_MAX_LOGITS, 1))
+    with np.errstate(invalid="ignore"):  # numpy's inf - inf
+        big_softmax = Softmax(odd_big)
+    assert Softmax(odd).classes() == odd.argmax(-1).tolist() == big_softmax.classes()[:3]
+    small, large = Softmax(odd).max(), big_softmax.max()[:3]
+    assert np.array_equal(small, large, equal_nan=True)
+    assert np.isnan(small[:2]).all() and small[2] == pytest.approx(1 / (1 + np.exp(-1)))

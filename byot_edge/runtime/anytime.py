@@ -86,21 +86,27 @@ class AnytimeModel:
                 criterion: str | None = None, stat: str = "p50") -> list[Prediction]:
         """One Prediction per sample of `batch` ([N, C, H, W], normalised as the manifest says)."""
         options = PredictOptions(threshold, budget_ms, exit, criterion, stat)
-        return self.run(batch, options).predictions(self.class_names)
+        return self.run(batch, options, probabilities=False).predictions(self.class_names)
 
-    def run(self, batch: Any, options: PredictOptions | None = None) -> CascadeResult:
+    def run(self, batch: Any, options: PredictOptions | None = None, *,
+            probabilities: bool = True) -> CascadeResult:
+        """The answers for `batch` as a CascadeResult; `probabilities`: whether it keeps
+        each sample's class probabilities (for top-k answers)."""
         options = options or PredictOptions()
         options.validate(self.num_exits)
-        return self.run_checked(check_batch(batch, self.manifest.input), options)
+        return self.run_checked(check_batch(batch, self.manifest.input), options,
+                                probabilities)
 
-    def run_checked(self, x: np.ndarray, options: PredictOptions) -> CascadeResult:
+    def run_checked(self, x: np.ndarray, options: PredictOptions,
+                    probabilities: bool = True) -> CascadeResult:
         """`run` without checking again what the caller checked: `x` as check_batch returns
         it, `options` validated (a server checks each request once, on arrival)."""
         notes: list[str] = [self._backend_note] if self._backend_note else []
+        p = probabilities
         if options.exit is not None:
-            result = self._fixed(x, options.exit, "exit")
+            result = self._fixed(x, options.exit, "exit", p)
         elif options.budget_ms is not None and options.threshold is None:
-            result = self._fixed(x, self._exit_for_budget(len(x), options, notes), "budget")
+            result = self._fixed(x, self._exit_for_budget(len(x), options, notes), "budget", p)
         else:
             policy = self.threshold_policy(options.threshold, options.criterion)
             if policy is not None and options.threshold is None:
@@ -108,16 +114,17 @@ class AnytimeModel:
             if policy is None:
                 notes.append("no thresholds given and none calibrated in the manifest: answering "
                              "from the deepest exit; run `byot-edge calibrate` or pass threshold")
-                result = self._fixed(x, self.num_exits, "exit")
+                result = self._fixed(x, self.num_exits, "exit", p)
             elif options.budget_ms is not None:
-                result = self._cascade(x, Deadline(options.budget_ms, policy), options, notes)
+                result = self._cascade(x, Deadline(options.budget_ms, policy), options, notes,
+                                       probabilities=p)
             elif policy.active_exits(self.num_exits).full_network and self.backend.has(
                     artifact_name(EXIT, self.num_exits)):
                 # Every shallow exit is off: the full network alone does the same, without
                 # the cascade's steps (calibration costs this case the same way).
-                result = self._fixed(x, self.num_exits, "exit")
+                result = self._fixed(x, self.num_exits, "exit", p)
             else:
-                result = self._cascade(x, policy, options, notes)
+                result = self._cascade(x, policy, options, notes, probabilities=p)
         result.warnings = notes + result.warnings
         for note in result.warnings:
             if note not in self._warned:  # each distinct warning once per model
@@ -125,14 +132,14 @@ class AnytimeModel:
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
         return result
 
-    def run_policy(self, batch: Any, policy: Policy,
-                   plan: Plan | Sequence[int] | None = None) -> CascadeResult:
+    def run_policy(self, batch: Any, policy: Policy, plan: Plan | Sequence[int] | None = None,
+                   *, probabilities: bool = True) -> CascadeResult:
         """The cascade under any policy. `plan` lists the exits whose logits are computed
         (default: those the policy can answer from); with thresholds that are all off and
         a calibrated plan, it measures the worst case: every sample through every step."""
         x = check_batch(batch, self.manifest.input)
         return self._cascade(x, policy, PredictOptions(), [],
-                             None if plan is None else Plan.of(plan))
+                             None if plan is None else Plan.of(plan), probabilities)
 
     def threshold_policy(self, threshold: float | Sequence[float] | None = None,
                          criterion: str | None = None) -> ConfidenceThresholds | None:
@@ -199,37 +206,38 @@ class AnytimeModel:
         return all(self.backend.has(artifact_name(SEGMENT, k))
                    for k in range(1, self.num_exits + 1))
 
-    def _whole(self, k: int, logits: np.ndarray, ms: float, mode: str,
+    def _whole(self, k: int, logits: np.ndarray, ms: float, mode: str, probabilities: bool,
                sm: Softmax | None = None) -> CascadeResult:
-        """Exit k answers every sample: the answer arrays are built in one call each (the
-        values `_answer` would write into `_empty`'s). `sm`: softmax(logits) at exit k's
-        temperature, where the caller has it."""
+        """Exit k answers every sample. `sm`: softmax(logits) at exit k's temperature, where
+        the caller has it; `probabilities`: whether to keep the class probabilities."""
         sm = sm or Softmax(logits, self._temperature(k))
         n = len(logits)
-        probabilities = sm.probabilities().astype(np.float32)
-        # float32 rounding keeps the order, so this is float32(p.max(axis=-1)) exactly
-        confidences = np.maximum.reduce(probabilities, axis=-1)
-        result = CascadeResult(logits.argmax(axis=-1), confidences, np.full(n, k, np.int64),
-                               np.full(n, ms, np.float64), mode)
-        result.probabilities = probabilities
+        result = CascadeResult(sm.classes(), sm.max(), [k] * n, [ms] * n, mode)
+        if probabilities:
+            result.probabilities = sm.probabilities()
         return result
 
-    def _answer(self, result: CascadeResult, where: np.ndarray, k: int, logits: np.ndarray,
-                ms: float, p: np.ndarray) -> None:
-        """Exit k answers the samples `where`; `p`: their softmax at its temperature."""
-        if result.probabilities is None:
-            result.probabilities = np.zeros((len(result.indices), p.shape[-1]), np.float32)
-        result.probabilities[where] = p
-        result.indices[where] = logits.argmax(axis=-1)  # as an offline replay takes it
-        result.confidences[where] = p.max(axis=-1)
-        result.exits[where] = k
-        result.latency_ms[where] = ms
+    def _answer(self, result: CascadeResult, active: list[int], answer: list[bool] | None,
+                k: int, ms: float, sm: Softmax, probabilities: bool) -> None:
+        """Exit k answers the running samples `active` (positions in the batch) that
+        `answer` lets go (None: all of them); `sm`: their softmax at its temperature."""
+        rows = range(len(active)) if answer is None else [i for i, go in enumerate(answer) if go]
+        classes, scores = sm.classes(), sm.max()  # as an offline replay takes them
+        for i in rows:
+            j = active[i]
+            result.indices[j], result.confidences[j] = classes[i], scores[i]
+            result.exits[j], result.latency_ms[j] = k, ms
+        if probabilities:
+            p = sm.probabilities()
+            if result.probabilities is None:
+                result.probabilities = np.zeros((len(result.indices), p.shape[-1]))
+            result.probabilities[[active[i] for i in rows]] = p[list(rows)]
 
     def _empty(self, n: int, mode: str) -> CascadeResult:
-        return CascadeResult(np.zeros(n, np.int64), np.zeros(n, np.float32),
-                             np.zeros(n, np.int64), np.zeros(n, np.float64), mode)
+        return CascadeResult([0] * n, [0.0] * n, [0] * n, [0.0] * n, mode)
 
-    def _fixed(self, x: np.ndarray, k: int, mode: str) -> CascadeResult:
+    def _fixed(self, x: np.ndarray, k: int, mode: str,
+               probabilities: bool = True) -> CascadeResult:
         """Exit k for everyone: its truncated file in one call, else segments 1..k (joined
         into one span where the backend can)."""
         files = self._exit_files.get(k)
@@ -243,7 +251,7 @@ class AnytimeModel:
         for j, (name, io) in enumerate(files, start=1):
             out = self.backend.run(name, {io.input: h})
             h = out[io.section] if io.section and j < len(files) else out[io.logits]
-        result = self._whole(k, h, (time.perf_counter() - t0) * 1e3, mode)
+        result = self._whole(k, h, (time.perf_counter() - t0) * 1e3, mode, probabilities)
         result.calls = [(name, len(x)) for name, _ in files]
         return result
 
@@ -312,7 +320,8 @@ class AnytimeModel:
         return self._plans[plan]
 
     def _cascade(self, x: np.ndarray, policy: Policy, options: PredictOptions,
-                 notes: list[str], plan: Plan | None = None) -> CascadeResult:
+                 notes: list[str], plan: Plan | None = None,
+                 probabilities: bool = True) -> CascadeResult:
         deadline = isinstance(policy, Deadline)
         mode = "deadline" if deadline else "cascade"
         num_exits = self.num_exits
@@ -323,7 +332,7 @@ class AnytimeModel:
         # Until a step lets only some samples go, the whole batch is running: no answer
         # arrays to fill and no indices to carry (`result` and `active` stay None).
         result: CascadeResult | None = None
-        active: np.ndarray | None = None
+        active: list[int] | None = None
         h = x
         t0 = time.perf_counter()
         for j, (k, names, ios) in enumerate(steps):
@@ -341,26 +350,34 @@ class AnytimeModel:
             if deadline and k < num_exits:
                 nxt = self._next_cost_ms(plan, j, len(h), (now - t_seg) * 1e3, options, notes)
             step = Step(k, num_exits, logits, elapsed, nxt)
-            answer = None if k == num_exits else np.asarray(policy(step), bool)
-            answered = len(h) if answer is None else int(np.count_nonzero(answer))
+            answer = None if k == num_exits else _mask(policy(step), len(h))
+            answered = len(h) if answer is None else sum(answer)
             if not answered:
                 continue
             sm = step.softmax(self._temperature(k))  # the policy's, where it took one
             if answered == len(h):  # everyone still running answers here
                 if result is None:
-                    result = self._whole(k, logits, elapsed, mode, sm)
+                    result = self._whole(k, logits, elapsed, mode, probabilities, sm)
                 else:
                     assert active is not None
-                    self._answer(result, active, k, logits, elapsed, sm.probabilities())
+                    self._answer(result, active, None, k, elapsed, sm, probabilities)
                 break
             if result is None:
-                result, active = self._empty(len(x), mode), np.arange(len(x))
+                result, active = self._empty(len(x), mode), list(range(len(x)))
             assert answer is not None and active is not None
-            self._answer(result, active[answer], k, logits[answer], elapsed,
-                         sm.probabilities()[answer])
+            self._answer(result, active, answer, k, elapsed, sm, probabilities)
             # Compact: only the samples still running go on to the next step.
-            keep = ~answer
-            h, active = h[keep], active[keep]
+            keep = [i for i, go in enumerate(answer) if not go]
+            h, active = h[keep], [active[i] for i in keep]
         assert result is not None  # the deepest step answers everyone
         result.calls, result.step_ms = calls, step_ms
         return result
+
+
+def _mask(answer: Sequence[bool] | np.ndarray, n: int) -> list[bool]:
+    """A policy's answer as n Python booleans."""
+    mask = answer.tolist() if isinstance(answer, np.ndarray) else [bool(a) for a in answer]
+    if len(mask) != n:
+        raise ByotError(f"the exit policy answered {len(mask)} samples for {n}; a policy must "
+                        "answer one boolean per sample still running")
+    return mask

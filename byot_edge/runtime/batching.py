@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -140,9 +140,8 @@ class _Run:
     exit_counts: dict[int, int]
 
 
-def _exit_counts(exits: np.ndarray) -> dict[int, int]:
-    ks, counts = np.unique(exits, return_counts=True)
-    return dict(zip(ks.tolist(), counts.tolist(), strict=True))
+def _exit_counts(exits: list[int]) -> dict[int, int]:
+    return dict(sorted(Counter(exits).items()))
 
 
 class Batcher:

@@ -40,50 +40,93 @@ def check_criterion(criterion: str) -> str:
 
 # The ufuncs' reductions themselves: ndarray.max and .sum go through a Python wrapper first.
 _max = np.maximum.reduce
-_sum = np.add.reduce
+_exp = np.exp
+# Softmaxes of at most this many logits are worked out in Python floats, larger ones in
+# numpy: right after an inference every numpy call costs tens of microseconds, more than
+# the arithmetic of a few rows (docs/design.md, "The runtime's own time").
+PYTHON_MAX_LOGITS = 512
 
 
 class Softmax:
-    """softmax(logits / temperature) over the last axis, in float64 so that every caller (the
-    runtime, the server, offline replays) gets bit-identical scores, computed only as far as
+    """softmax(logits / temperature) over the last axis, in float64, computed only as far as
     asked: the max-softmax score needs the normaliser alone, the probabilities one more pass.
 
-    As few and as plain numpy calls as the arithmetic allows, in place, arguments by position:
-    at batch 1 each call costs far more than its arithmetic, the more so right after an
-    inference has evicted numpy from the caches (docs/design.md, "The runtime's own time";
-    there a subtract that casts, and keyword arguments, cost 20 us more than this). The
-    values are bit for bit those of exp(z - max(z)) / sum with z = float64(logits) / T
-    computed step by step (casting to float64 is exact, so the float32 maximum is z's).
+    Per row, with z = float64(logits) / T: e = exp(z - max z) by numpy's exp, s = the sum of
+    e from the first class to the last, score = 1 / s, probabilities e / s. Small inputs do
+    these same float64 operations in Python floats (with numpy's exp on the differences, in
+    one call), large ones in numpy; either way a row's values are the same to the last bit,
+    whatever batch it is in, so the runtime at batch 1, a server's batch and an offline
+    replay over a validation set take the same decisions (tests/test_policies.py).
     """
 
-    __slots__ = ("_exp", "_normalised", "_sum")
+    __slots__ = ("_e", "_logits", "_n", "_probabilities", "_rows", "_sums")
 
     def __init__(self, logits: np.ndarray, temperature: float = 1.0) -> None:
-        z = np.asarray(logits).astype(np.float64)
-        if temperature != 1.0:
-            z /= float(temperature)
-        z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
-        np.exp(z, z)
-        self._exp = z
-        self._sum = _sum(z, -1, None, None, True)
-        self._normalised = False  # whether _exp has been divided into the probabilities
+        logits = np.asarray(logits)
+        c = logits.shape[-1]
+        self._logits = logits.reshape(-1, c) if logits.ndim != 2 else logits
+        n = self._n = len(self._logits)
+        self._probabilities: np.ndarray | None = None
+        t = float(temperature)
+        if logits.size <= PYTHON_MAX_LOGITS:
+            rows = self._rows = self._logits.tolist()  # exact: float32 and float16 widen
+            z = rows if t == 1.0 else [[v / t for v in row] for row in rows]
+            e = _exp([v - m for row in z for m in (max(row),) for v in row]).tolist()
+            sums = []
+            for i in range(0, n * c, c):
+                s = 0.0
+                for v in e[i:i + c]:  # first class to last, as np.add.accumulate
+                    s += v
+                sums.append(s)
+            self._e: list[float] | np.ndarray = e
+            self._sums: list[float] | np.ndarray = sums
+        else:
+            self._rows = None
+            z = self._logits.astype(np.float64)
+            if t != 1.0:
+                z /= t
+            z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
+            np.exp(z, z)
+            self._e = z
+            self._sums = np.add.accumulate(z, -1)[:, -1]
 
-    def max(self) -> np.ndarray:
-        """The largest probability of each row, [...]: 1 / sum, since the largest exp(z -
-        max z) is exp(0) = 1 exactly; so probabilities().max(-1) bit for bit."""
-        return np.divide(1.0, self._sum[..., 0])
+    def max(self) -> list[float]:
+        """The largest probability of each row: 1 / s, since the largest exp(z - max z) is
+        exp(0) = 1 exactly; so probabilities().max(-1) bit for bit."""
+        if self._rows is not None:
+            return [1.0 / s for s in self._sums]
+        return np.divide(1.0, self._sums).tolist()
+
+    def classes(self) -> list[int]:
+        """Each row's class: the first largest logit, or the first NaN (numpy's argmax)."""
+        if self._rows is None:
+            return self._logits.argmax(-1).tolist()
+        out = []
+        for row, s in zip(self._rows, self._sums, strict=True):
+            i = row.index(max(row))
+            if s != s:  # a NaN or an inf in the row
+                i = next((j for j, v in enumerate(row) if v != v), i)
+            out.append(i)
+        return out
 
     def probabilities(self) -> np.ndarray:
-        """[..., C] float64 (computed once, in place; do not modify it)."""
-        if not self._normalised:
-            self._exp /= self._sum
-            self._normalised = True
-        return self._exp
+        """[n, C] float64 (computed once; do not modify it)."""
+        if self._probabilities is None:
+            if self._rows is not None:
+                c = self._logits.shape[-1]
+                e, sums = self._e, self._sums
+                p = [e[i * c + j] / s for i, s in enumerate(sums) for j in range(c)]
+                self._probabilities = np.array(p).reshape(self._n, c)
+            else:
+                assert isinstance(self._e, np.ndarray)
+                self._probabilities = self._e / np.asarray(self._sums)[:, None]
+        return self._probabilities
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax over the last axis, in float64 (see `Softmax`)."""
-    return Softmax(logits, temperature).probabilities()
+    logits = np.asarray(logits)
+    return Softmax(logits, temperature).probabilities().reshape(logits.shape)
 
 
 def confidence(logits: np.ndarray, criterion: str = "max_softmax",
@@ -94,14 +137,17 @@ def confidence(logits: np.ndarray, criterion: str = "max_softmax",
     entropy: 1 - H(p) / log(C), so a one-hot prediction scores 1 and a uniform one 0.
     """
     check_criterion(criterion)
-    return scores_of(Softmax(logits, temperature), criterion)
+    logits = np.asarray(logits)
+    return np.array(scores_of(Softmax(logits, temperature), criterion),
+                    np.float64).reshape(logits.shape[:-1])
 
 
-def scores_of(sm: Softmax, criterion: str) -> np.ndarray:
-    """`confidence` from the softmax of the logits (the max-softmax score without the
-    probabilities themselves)."""
-    return sm.max() if criterion == "max_softmax" else confidence_of(sm.probabilities(),
-                                                                     criterion)
+def scores_of(sm: Softmax, criterion: str) -> list[float]:
+    """`confidence` of each row from the softmax of the logits (the max-softmax score
+    without the probabilities themselves)."""
+    if criterion == "max_softmax":
+        return sm.max()
+    return confidence_of(sm.probabilities(), criterion).tolist()
 
 
 def confidence_of(p: np.ndarray, criterion: str) -> np.ndarray:
@@ -144,13 +190,14 @@ class Step:
 
 
 class Policy(Protocol):
-    def __call__(self, step: Step) -> np.ndarray:
-        """Boolean mask [n]: True answers that sample from `step.exit` now."""
+    def __call__(self, step: Step) -> Sequence[bool] | np.ndarray:
+        """n booleans (a list or a numpy mask): True answers that sample from `step.exit`
+        now."""
         ...
 
 
-def _all(step: Step, value: bool) -> np.ndarray:
-    return np.full(len(step.logits), value, dtype=bool)
+def _all(step: Step, value: bool) -> list[bool]:
+    return [value] * len(step.logits)
 
 
 @dataclass(frozen=True)
@@ -191,11 +238,12 @@ class ConfidenceThresholds:
     def scores(self, k: int, logits: np.ndarray) -> np.ndarray:
         return confidence(logits, self.criterion, self.temperature(k))
 
-    def __call__(self, step: Step) -> np.ndarray:
+    def __call__(self, step: Step) -> list[bool]:
         if step.exit >= step.num_exits:
             return _all(step, True)
         sm = step.softmax(self.temperature(step.exit))
-        return scores_of(sm, self.criterion) >= self.values[step.exit - 1]
+        t = self.values[step.exit - 1]
+        return [s >= t for s in scores_of(sm, self.criterion)]
 
     def worst_case(self) -> ConfidenceThresholds:
         """The same cascade for a sample that every exit it can pass lets go: thresholds
@@ -220,7 +268,7 @@ class Deadline:
     budget_ms: float
     inner: Policy
 
-    def __call__(self, step: Step) -> np.ndarray:
+    def __call__(self, step: Step) -> Sequence[bool] | np.ndarray:
         if (step.exit < step.num_exits and step.next_cost_ms is not None
                 and step.elapsed_ms + step.next_cost_ms > self.budget_ms):
             return _all(step, True)

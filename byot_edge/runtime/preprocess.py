@@ -12,6 +12,8 @@ import numpy as np
 from byot_edge.errors import ByotError
 from byot_edge.manifest import InputSpec
 
+_sum = np.add.reduce  # the ufunc's reduction, without ndarray.sum's Python wrapper
+
 
 def _expected(spec: InputSpec) -> str:
     c, h, w = spec.shape
@@ -61,8 +63,7 @@ def _checked_values(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
     # docs/design.md, "The runtime's own time"): a NaN or inf anywhere makes the sum
     # non-finite, and float32 or float16 values cannot overflow a float64 sum (a float64
     # batch that does takes the exact check).
-    if (math.isfinite(np.add.reduce(batch, axis=None, dtype=np.float64))
-            or np.isfinite(batch).all()):
+    if math.isfinite(_sum(batch, None, np.float64)) or np.isfinite(batch).all():
         return np.ascontiguousarray(batch)
     bad = np.flatnonzero(~np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
     raise ByotError(f"sample(s) {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} of the "

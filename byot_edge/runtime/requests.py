@@ -38,7 +38,8 @@ class PredictOptions:
     def __post_init__(self) -> None:
         # The batcher groups requests by their options: a list would be unhashable (and
         # stop its worker), and [0.9] must group with (0.9,).
-        if isinstance(self.threshold, Sequence) and not isinstance(self.threshold, tuple):
+        if (self.threshold is not None and isinstance(self.threshold, Sequence)
+                and not isinstance(self.threshold, tuple)):
             object.__setattr__(self, "threshold", tuple(self.threshold))
 
     def validate(self, num_exits: int) -> None:
@@ -50,8 +51,15 @@ class PredictOptions:
         if self.budget_ms is not None and not self.budget_ms > 0:
             raise ByotError(f"budget_ms must be a positive number of milliseconds, got "
                             f"{self.budget_ms}")
-        values = ([] if self.threshold is None else list(self.threshold)
-                  if isinstance(self.threshold, Sequence) else [self.threshold])
+        if self.threshold is not None:
+            self._validate_threshold()
+        if self.criterion is not None:
+            check_criterion(self.criterion)
+        check_stat(self.stat)
+
+    def _validate_threshold(self) -> None:
+        values = (list(self.threshold) if isinstance(self.threshold, Sequence)
+                  else [self.threshold])
         try:
             bad = not all(0 <= float(t) <= 1 or float(t) == NEVER for t in values)
         except (TypeError, ValueError):
@@ -59,21 +67,22 @@ class PredictOptions:
         if bad:
             raise ByotError(f"threshold must be numbers in [0, 1] (or {NEVER:g} to switch an "
                             f"exit off), got {self.threshold}")
-        if self.criterion is not None:
-            check_criterion(self.criterion)
-        check_stat(self.stat)
 
 
 @dataclass
 class CascadeResult:
-    indices: np.ndarray  # [N] int64 class indices
-    confidences: np.ndarray  # [N] float32
-    exits: np.ndarray  # [N] int64, 1..K
-    latency_ms: np.ndarray  # [N] float64
+    """A batch's answers, one entry per sample, as Python values (what predictions, JSON
+    and Triton's tensors are made of: at batch 1 building numpy arrays for them cost more
+    than the rest of the answer; np.asarray gives arrays)."""
+
+    indices: list[int]  # class indices
+    confidences: list[float]  # the scores the policy compared (float64)
+    exits: list[int]  # 1..K
+    latency_ms: list[float]
     mode: str  # "exit", "budget", "cascade" or "deadline"
     calls: list[tuple[str, int]] = field(default_factory=list)  # (artifact, samples), in order
-    # [N, C] class probabilities at each sample's answering exit (temperature-scaled as the
-    # confidences are), for top-k answers
+    # [N, C] float64 class probabilities at each sample's answering exit (temperature-scaled
+    # as the confidences are), for top-k answers; None when not asked for (`run`)
     probabilities: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     # (exit, ms since the cascade's first step started) at the end of each step it ran
@@ -86,10 +95,9 @@ class CascadeResult:
                        exits=self.exits[s], latency_ms=self.latency_ms[s], probabilities=probs)
 
     def predictions(self, class_names: Sequence[str]) -> list[Prediction]:
-        # tolist: Python numbers in one call per array, not a numpy scalar per element
         known = len(class_names)
         return [
             Prediction(i, class_names[i] if 0 <= i < known else str(i), c, e, t)
-            for i, c, e, t in zip(self.indices.tolist(), self.confidences.tolist(),
-                                  self.exits.tolist(), self.latency_ms.tolist(), strict=True)
+            for i, c, e, t in zip(self.indices, self.confidences, self.exits, self.latency_ms,
+                                  strict=True)
         ]

@@ -106,9 +106,9 @@ def answer_tensors(result: CascadeResult, top_k: int, rows: slice | None = None,
     ([N, C] of the answering exits) stand in for the result's own where given."""
     rows = rows or slice(None)
     out = {
-        CLASS_INDEX: result.indices[rows].astype(np.int64)[:, None],
-        CONFIDENCE: result.confidences[rows].astype(np.float32)[:, None],
-        EXIT: result.exits[rows].astype(np.int64)[:, None],
+        CLASS_INDEX: np.array(result.indices[rows], np.int64)[:, None],
+        CONFIDENCE: np.array(result.confidences[rows], np.float32)[:, None],
+        EXIT: np.array(result.exits[rows], np.int64)[:, None],
     }
     if top_k:
         probabilities = result.probabilities if probabilities is None else probabilities

@@ -1,8 +1,8 @@
 """Answers and errors as response bytes, without building pydantic models.
 
 The pydantic models in `schemas` document these answers (OpenAPI); on the hot path the
-JSON is written here directly from the batch's arrays: one argsort and one `tolist` per
-array for the whole request instead of a model per sample and per class, then validated
+JSON is written here directly from the batch's answers (one argsort and one `tolist` of
+the probabilities for the whole request) instead of a model per sample and per class, then validated
 again by FastAPI's response model. The bytes are what FastAPI's JSONResponse writes for
 the same document (same keys in the same order, same float repr, NaN refused).
 """
@@ -38,9 +38,9 @@ def predict_document(answer: Answer, class_names: list[str], k: int,
     """One request's answer as the PredictResponse schema describes it; `t0`: its arrival
     (perf_counter), for latency_ms."""
     r = answer.result
-    indices = r.indices.tolist()
+    indices = r.indices
     labels = _labels(indices, class_names)
-    confidences = r.confidences.tolist()
+    confidences = r.confidences
     if answer.probabilities is not None:
         if answer.ranked_classes is not None and answer.ranked_probabilities is not None:
             top_index = answer.ranked_classes[:, :k].tolist()  # ranked by the batcher
@@ -58,8 +58,8 @@ def predict_document(answer: Answer, class_names: list[str], k: int,
                 for i, name, c in zip(indices, labels, confidences, strict=True)]
     preds = [{"index": i, "label": name, "confidence": c, "exit": e, "top_k": top,
               "model_ms": ms}
-             for i, name, c, e, top, ms in zip(indices, labels, confidences, r.exits.tolist(),
-                                               tops, r.latency_ms.tolist(), strict=True)]
+             for i, name, c, e, top, ms in zip(indices, labels, confidences, r.exits, tops,
+                                               r.latency_ms, strict=True)]
     return {"predictions": preds, "mode": r.mode,
             "latency_ms": (time.perf_counter() - t0) * 1e3, "queue_ms": float(answer.queue_ms),
             "batch_size": int(answer.batch_size), "warnings": list(r.warnings)}
