@@ -18,6 +18,7 @@ and the server tests use it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -273,13 +274,22 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Send `sig` (SIGTERM drains the requests in flight) and wait; its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self._signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait()
             raise RuntimeError(f"the server ignored signal {sig}:\n{self.log}") from None
+
+    def _signal(self, sig: int) -> None:
+        # SIGKILL cannot be passed on by the server: it goes to the whole session, so that
+        # `--workers N` children do not outlive their supervisor (and keep the port).
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str,
@@ -307,7 +317,7 @@ def start_server(argv: list[str], env: dict[str, str] | None = None, *,
            *(a.replace("PORT", str(port)) for a in argv)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=cwd)
+                            env=full_env, cwd=cwd, start_new_session=True)
     server = ServerProcess(f"http://{HOST}:{port}", proc)
 
     def pump() -> None:  # keep the pipe drained, keep the log for failure messages

@@ -230,7 +230,7 @@ def test_the_max_softmax_score_is_the_largest_probability_bit_for_bit() -> None:
     for scale in (0.1, 3.0, 40.0):
         logits = (rng.standard_normal((64, 10)) * scale).astype(np.float32)
         for t in (1.0, 0.7, 2.5):
-            assert np.array_equal(Softmax(logits, t).max(), softmax(logits, t).max(axis=-1))
+            assert np.array_equal(Softmax(logits, t).scores, softmax(logits, t).max(axis=-1))
             assert np.array_equal(confidence(logits, "max_softmax", t),
                                   _reference_softmax(logits, t).max(axis=-1))
 
@@ -249,19 +249,19 @@ def test_python_floats_and_numpy_score_alike_to_the_last_bit() -> None:
             whole = Softmax(big, t)
             for i in range(0, len(big), 3):
                 alone = Softmax(big[i:i + 3], t)
-                assert alone.max() == whole.max()[i:i + 3]
-                assert alone.classes() == whole.classes()[i:i + 3]
+                assert alone.scores == whole.scores[i:i + 3]
+                assert alone.classes == whole.classes[i:i + 3]
                 assert np.array_equal(alone.probabilities(), whole.probabilities()[i:i + 3])
             for criterion in CRITERIA:
                 assert np.array_equal(confidence(big[:2], criterion, t),
                                       confidence(big, criterion, t)[:2])
-        assert Softmax(logits[:1]).classes() == [0] == Softmax(logits).classes()[:1]
+        assert Softmax(logits[:1]).classes == [0] == Softmax(logits).classes[:1]
     # Rows with NaN or inf score NaN in both, and name the class numpy's argmax names.
     odd = np.array([[1.0, np.nan, 3.0], [np.inf, 0.0, np.inf], [-np.inf, 2.0, 1.0]])
     odd_big = np.tile(odd, (PYTHON_MAX_LOGITS, 1))
     with np.errstate(invalid="ignore"):  # numpy's inf - inf
         big_softmax = Softmax(odd_big)
-    assert Softmax(odd).classes() == odd.argmax(-1).tolist() == big_softmax.classes()[:3]
-    small, large = Softmax(odd).max(), big_softmax.max()[:3]
+    assert Softmax(odd).classes == odd.argmax(-1).tolist() == big_softmax.classes[:3]
+    small, large = Softmax(odd).scores, big_softmax.scores[:3]
     assert np.array_equal(small, large, equal_nan=True)
     assert np.isnan(small[:2]).all() and small[2] == pytest.approx(1 / (1 + np.exp(-1)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -607,6 +608,25 @@ def test_several_workers_share_the_port_and_stop_on_sigterm(deployed: Deployed,
         assert "server stopped" in s.log
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_a_killed_server_takes_its_workers_with_it(deployed: Deployed) -> None:
+    # A test that fails kills its server with SIGKILL, which uvicorn cannot pass on: the
+    # whole session goes, or the workers would outlive it and keep the port.
+    s = start_server(["serve", str(deployed.manifest), "--host", HOST, "--port", "PORT",
+                      "--threads", "1", "--workers", "2"])
+    wait_until(lambda: s.log.count("Started server process") == 2, 60, "both workers", s)
+    pids = [int(p) for p in re.findall(r"Started server process \[(\d+)\]", s.log)]
+    s.stop(signal.SIGKILL)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie is gone
+
+    wait_until(lambda: all(gone(p) for p in pids), 30, "the workers to go")
 
 
 def test_workers_must_be_at_least_one(deployed: Deployed) -> None:

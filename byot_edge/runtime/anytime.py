@@ -212,7 +212,7 @@ class AnytimeModel:
         the caller has it; `probabilities`: whether to keep the class probabilities."""
         sm = sm or Softmax(logits, self._temperature(k))
         n = len(logits)
-        result = CascadeResult(sm.classes(), sm.max(), [k] * n, [ms] * n, mode)
+        result = CascadeResult(sm.classes, sm.scores, [k] * n, [ms] * n, mode)
         if probabilities:
             result.probabilities = sm.probabilities()
         return result
@@ -222,7 +222,7 @@ class AnytimeModel:
         """Exit k answers the running samples `active` (positions in the batch) that
         `answer` lets go (None: all of them); `sm`: their softmax at its temperature."""
         rows = range(len(active)) if answer is None else [i for i, go in enumerate(answer) if go]
-        classes, scores = sm.classes(), sm.max()  # as an offline replay takes them
+        classes, scores = sm.classes, sm.scores  # as an offline replay takes them
         for i in rows:
             j = active[i]
             result.indices[j], result.confidences[j] = classes[i], scores[i]

@@ -48,78 +48,74 @@ PYTHON_MAX_LOGITS = 512
 
 
 class Softmax:
-    """softmax(logits / temperature) over the last axis, in float64, computed only as far as
-    asked: the max-softmax score needs the normaliser alone, the probabilities one more pass.
+    """softmax(logits / temperature) over the last axis, in float64: each row's `classes`
+    (numpy's argmax of the logits) and max-softmax `scores` at once, the probabilities when
+    asked (the score needs only the normaliser).
 
     Per row, with z = float64(logits) / T: e = exp(z - max z) by numpy's exp, s = the sum of
-    e from the first class to the last, score = 1 / s, probabilities e / s. Small inputs do
-    these same float64 operations in Python floats (with numpy's exp on the differences, in
-    one call), large ones in numpy; either way a row's values are the same to the last bit,
-    whatever batch it is in, so the runtime at batch 1, a server's batch and an offline
-    replay over a validation set take the same decisions (tests/test_policies.py).
+    e from the first class to the last, score = 1 / s (bit for bit the largest probability,
+    since the largest e is exp(0) = 1), probabilities e / s. Small inputs do these same
+    float64 operations in Python floats (numpy's exp on the differences, in one call), large
+    ones in numpy: either way a row's values are the same to the last bit, whatever batch it
+    is in, so the runtime at batch 1, a server's batch and an offline replay over a
+    validation set take the same decisions (tests/test_policies.py).
     """
 
-    __slots__ = ("_e", "_logits", "_n", "_probabilities", "_rows", "_sums")
+    __slots__ = ("_e", "_logits", "_probabilities", "_sums", "classes", "scores")
 
     def __init__(self, logits: np.ndarray, temperature: float = 1.0) -> None:
-        logits = np.asarray(logits)
-        c = logits.shape[-1]
-        self._logits = logits.reshape(-1, c) if logits.ndim != 2 else logits
-        n = self._n = len(self._logits)
+        if type(logits) is not np.ndarray:
+            logits = np.asarray(logits)
+        if logits.ndim != 2:
+            logits = logits.reshape(-1, logits.shape[-1])
+        self._logits = logits
         self._probabilities: np.ndarray | None = None
-        t = float(temperature)
-        if logits.size <= PYTHON_MAX_LOGITS:
-            rows = self._rows = self._logits.tolist()  # exact: float32 and float16 widen
-            z = rows if t == 1.0 else [[v / t for v in row] for row in rows]
-            e = _exp([v - m for row in z for m in (max(row),) for v in row]).tolist()
-            sums = []
-            for i in range(0, n * c, c):
-                s = 0.0
-                for v in e[i:i + c]:  # first class to last, as np.add.accumulate
-                    s += v
-                sums.append(s)
-            self._e: list[float] | np.ndarray = e
-            self._sums: list[float] | np.ndarray = sums
-        else:
-            self._rows = None
-            z = self._logits.astype(np.float64)
-            if t != 1.0:
-                z /= t
-            z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
-            np.exp(z, z)
-            self._e = z
-            self._sums = np.add.accumulate(z, -1)[:, -1]
+        if logits.size > PYTHON_MAX_LOGITS:
+            self._numpy(logits, temperature)
+            return
+        # As few numpy calls and Python steps as there can be: right after an inference each
+        # costs more than the arithmetic (docs/design.md, "The runtime's own time").
+        rows = logits.tolist()  # exact: float32 and float16 widen
+        z = rows if temperature == 1.0 else [[v / temperature for v in row] for row in rows]
+        maxes = [max(row) for row in z]
+        shifted = [v - m for row, m in zip(z, maxes, strict=True) for v in row]
+        e = self._e = _exp(shifted).tolist()
+        c = logits.shape[1] or 1
+        sums: list[float] = []
+        for i in range(0, len(e), c):
+            s = 0.0
+            for v in e[i:i + c]:  # first class to last, as np.add.accumulate
+                s += v
+            sums.append(s)
+        self._sums = sums
+        self.scores: list[float] = [1.0 / s for s in sums]
+        self.classes: list[int] = [row.index(m) for row, m in zip(z, maxes, strict=True)]
+        for i, s in enumerate(sums):
+            if s != s:  # a NaN (or an inf) in the row: numpy's argmax names the first NaN
+                self.classes[i] = next((j for j, v in enumerate(rows[i]) if v != v),
+                                       self.classes[i])
 
-    def max(self) -> list[float]:
-        """The largest probability of each row: 1 / s, since the largest exp(z - max z) is
-        exp(0) = 1 exactly; so probabilities().max(-1) bit for bit."""
-        if self._rows is not None:
-            return [1.0 / s for s in self._sums]
-        return np.divide(1.0, self._sums).tolist()
-
-    def classes(self) -> list[int]:
-        """Each row's class: the first largest logit, or the first NaN (numpy's argmax)."""
-        if self._rows is None:
-            return self._logits.argmax(-1).tolist()
-        out = []
-        for row, s in zip(self._rows, self._sums, strict=True):
-            i = row.index(max(row))
-            if s != s:  # a NaN or an inf in the row
-                i = next((j for j, v in enumerate(row) if v != v), i)
-            out.append(i)
-        return out
+    def _numpy(self, logits: np.ndarray, temperature: float) -> None:
+        z = logits.astype(np.float64)
+        if temperature != 1.0:
+            z /= temperature
+        z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
+        np.exp(z, z)
+        self._e = z
+        self._sums = np.add.accumulate(z, -1)[:, -1]
+        self.scores = np.divide(1.0, self._sums).tolist()
+        self.classes = logits.argmax(-1).tolist()
 
     def probabilities(self) -> np.ndarray:
         """[n, C] float64 (computed once; do not modify it)."""
         if self._probabilities is None:
-            if self._rows is not None:
-                c = self._logits.shape[-1]
+            n, c = self._logits.shape
+            if isinstance(self._e, np.ndarray):
+                self._probabilities = self._e / np.asarray(self._sums)[:, None]
+            else:
                 e, sums = self._e, self._sums
                 p = [e[i * c + j] / s for i, s in enumerate(sums) for j in range(c)]
-                self._probabilities = np.array(p).reshape(self._n, c)
-            else:
-                assert isinstance(self._e, np.ndarray)
-                self._probabilities = self._e / np.asarray(self._sums)[:, None]
+                self._probabilities = np.array(p).reshape(n, c)
         return self._probabilities
 
 
@@ -146,7 +142,7 @@ def scores_of(sm: Softmax, criterion: str) -> list[float]:
     """`confidence` of each row from the softmax of the logits (the max-softmax score
     without the probabilities themselves)."""
     if criterion == "max_softmax":
-        return sm.max()
+        return sm.scores
     return confidence_of(sm.probabilities(), criterion).tolist()
 
 
