@@ -125,11 +125,12 @@ class AnytimeModel:
                 result = self._fixed(x, self.num_exits, "exit", p)
             else:
                 result = self._cascade(x, policy, options, notes, probabilities=p)
-        result.warnings = notes + result.warnings
-        for note in result.warnings:
-            if note not in self._warned:  # each distinct warning once per model
-                self._warned.add(note)
-                warnings.warn(note, RuntimeWarning, stacklevel=2)
+        if notes or result.warnings:
+            result.warnings = notes + result.warnings
+            for note in result.warnings:
+                if note not in self._warned:  # each distinct warning once per model
+                    self._warned.add(note)
+                    warnings.warn(note, RuntimeWarning, stacklevel=2)
         return result
 
     def run_policy(self, batch: Any, policy: Policy, plan: Plan | Sequence[int] | None = None,
@@ -246,13 +247,15 @@ class AnytimeModel:
                           if self.backend.has(name)),
                          [artifact_name(SEGMENT, j) for j in range(1, k + 1)])
             files = self._exit_files[k] = [(name, self.backend.load(name)) for name in names]
+        calls = []
         t0 = time.perf_counter()
         h = x
         for j, (name, io) in enumerate(files, start=1):
             out = self.backend.run(name, {io.input: h})
             h = out[io.section] if io.section and j < len(files) else out[io.logits]
+            calls.append((name, len(x)))
         result = self._whole(k, h, (time.perf_counter() - t0) * 1e3, mode, probabilities)
-        result.calls = [(name, len(x)) for name, _ in files]
+        result.calls = calls
         return result
 
     def _profiled(self, n: int, stat: str, notes: list[str]) -> Latencies | None:

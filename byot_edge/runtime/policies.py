@@ -76,24 +76,29 @@ class Softmax:
         # As few numpy calls and Python steps as there can be: right after an inference each
         # costs more than the arithmetic (docs/design.md, "The runtime's own time").
         rows = logits.tolist()  # exact: float32 and float16 widen
-        z = rows if temperature == 1.0 else [[v / temperature for v in row] for row in rows]
-        maxes = [max(row) for row in z]
-        shifted = [v - m for row, m in zip(z, maxes, strict=True) for v in row]
+        shifted: list[float] = []
+        classes: list[int] = []
+        for row in rows:  # loops, not comprehensions: each of those is a call in 3.11
+            z = row if temperature == 1.0 else [v / temperature for v in row]
+            m = max(z)
+            classes.append(z.index(m))
+            for v in z:
+                shifted.append(v - m)
         e = self._e = _exp(shifted).tolist()
         c = logits.shape[1] or 1
         sums: list[float] = []
+        scores: list[float] = []
         for i in range(0, len(e), c):
             s = 0.0
             for v in e[i:i + c]:  # first class to last, as np.add.accumulate
                 s += v
             sums.append(s)
-        self._sums = sums
-        self.scores: list[float] = [1.0 / s for s in sums]
-        self.classes: list[int] = [row.index(m) for row, m in zip(z, maxes, strict=True)]
-        for i, s in enumerate(sums):
+            scores.append(1.0 / s)
             if s != s:  # a NaN (or an inf) in the row: numpy's argmax names the first NaN
-                self.classes[i] = next((j for j, v in enumerate(rows[i]) if v != v),
-                                       self.classes[i])
+                row = rows[i // c]
+                classes[i // c] = next((j for j, v in enumerate(row) if v != v),
+                                       classes[i // c])
+        self._sums, self.scores, self.classes = sums, scores, classes
 
     def _numpy(self, logits: np.ndarray, temperature: float) -> None:
         z = logits.astype(np.float64)
