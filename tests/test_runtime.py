@@ -325,8 +325,14 @@ def test_onnxruntime_workers_sleep_unless_told_to_spin(deployed: Deployed) -> No
 
 def test_finite_batches_pass_whatever_their_sum(deployed: Deployed) -> None:
     model = load(deployed.root, "onnxruntime")
-    huge = np.full((2, 3, 32, 32), 3e38, np.float32)  # finite, but its sum overflows
-    assert len(model.predict(huge, exit=1)) == 2
+    for n in (2, 4):  # below and above the size up to which x.x is the check (BLAS's)
+        huge = np.full((n, 3, 32, 32), 3e38, np.float32)  # finite, but x.x overflows
+        assert len(model.predict(huge, exit=1)) == n
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.zeros((n, 3, 32, 32), np.float32)
+            x[n - 1, 2, 31, 31] = bad
+            with pytest.raises(ByotError, match=rf"sample\(s\) \[{n - 1}\].*NaN or inf"):
+                model.predict(x, exit=1)
     odd = np.asfortranarray(deployed.x[:2])  # not C-contiguous: copied, then accepted
     assert [p.index for p in model.predict(odd, exit=1)] == [
         p.index for p in model.predict(deployed.x[:2], exit=1)]

@@ -379,7 +379,8 @@ class AnytimeModel:
 
 def _mask(answer: Sequence[bool] | np.ndarray, n: int) -> list[bool]:
     """A policy's answer as n Python booleans."""
-    mask = answer.tolist() if isinstance(answer, np.ndarray) else [bool(a) for a in answer]
+    mask = (answer if type(answer) is list  # ConfidenceThresholds' own
+            else answer.tolist() if isinstance(answer, np.ndarray) else [bool(a) for a in answer])
     if len(mask) != n:
         raise ByotError(f"the exit policy answered {len(mask)} samples for {n}; a policy must "
                         "answer one boolean per sample still running")

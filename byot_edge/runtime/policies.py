@@ -176,10 +176,12 @@ class Step:
     next_cost_ms: float | None = None
     # softmax(logits) by temperature, computed once per step: the policy scores with it and
     # the anytime model answers with it
-    _softmax: dict[float, Softmax] = field(default_factory=dict, init=False, compare=False,
-                                           repr=False)
+    _softmax: dict[float, Softmax] | None = field(default=None, init=False, compare=False,
+                                                  repr=False)
 
     def softmax(self, temperature: float = 1.0) -> Softmax:
+        if self._softmax is None:
+            self._softmax = {}
         sm = self._softmax.get(temperature)
         if sm is None:
             sm = self._softmax[temperature] = Softmax(self.logits, temperature)
