@@ -266,3 +266,31 @@ def test_python_floats_and_numpy_score_alike_to_the_last_bit() -> None:
     small, large = Softmax(odd).scores, big_softmax.scores[:3]
     assert np.array_equal(small, large, equal_nan=True)
     assert np.isnan(small[:2]).all() and small[2] == pytest.approx(1 / (1 + np.exp(-1)))
+
+
+def test_at_least_decides_as_the_scores_do_even_at_a_threshold_on_a_score(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from byot_edge.runtime import policies
+
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((8, 10)) * 3).astype(np.float32)  # Python floats' size
+    with_nan = logits.copy()
+    with_nan[3, 1] = np.nan
+    numpy_exps = []
+    real_exp = policies._exp
+    monkeypatch.setattr(policies, "_exp", lambda x: numpy_exps.append(1) or real_exp(x))
+    for temperature in (1.0, 0.7):
+        exact = Softmax(logits, temperature).scores
+        edges = exact + [float(np.nextafter(s, 0)) for s in exact] + [
+            float(np.nextafter(s, 2)) for s in exact]
+        for threshold in (*edges, 0.0, 0.3, 0.95, NEVER):
+            numpy_exps.clear()
+            assert Softmax(logits, temperature).at_least(threshold) == [
+                s >= threshold for s in exact]
+            # numpy's exp only when a score is within 1e-9 of the threshold
+            near = any(abs(s - threshold) <= 1e-9 * threshold for s in exact)
+            assert bool(numpy_exps) == near, threshold
+            # A NaN row never reaches a threshold, as its NaN score decides.
+            nan_exact = Softmax(with_nan, temperature).scores
+            assert Softmax(with_nan, temperature).at_least(threshold) == [
+                s >= threshold for s in nan_exact]

@@ -16,6 +16,7 @@ can replay a cascade offline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,7 @@ def check_criterion(criterion: str) -> str:
 # The ufuncs' reductions themselves: ndarray.max and .sum go through a Python wrapper first.
 _max = np.maximum.reduce
 _exp = np.exp
+_math_exp = math.exp
 # Softmaxes of at most this many logits are worked out in Python floats, larger ones in
 # numpy: right after an inference every numpy call costs tens of microseconds, more than
 # the arithmetic of a few rows; measured so, Python floats took 23 against 36 us for 1 x 10
@@ -51,8 +53,8 @@ PYTHON_MAX_LOGITS = 100
 
 class Softmax:
     """softmax(logits / temperature) over the last axis, in float64: each row's `classes`
-    (numpy's argmax of the logits) and max-softmax `scores` at once, the probabilities when
-    asked (the score needs only the normaliser).
+    (numpy's argmax of the logits) and max-softmax `scores`, the probabilities when asked
+    (the score needs only the normaliser).
 
     Per row, with z = float64(logits) / T: e = exp(z - max z) by numpy's exp, s = the sum of
     e from the first class to the last, score = 1 / s (bit for bit the largest probability,
@@ -63,7 +65,8 @@ class Softmax:
     validation set take the same decisions (tests/test_policies.py).
     """
 
-    __slots__ = ("_e", "_logits", "_probabilities", "_sums", "classes", "scores")
+    __slots__ = ("_classes", "_e", "_logits", "_probabilities", "_rows", "_scores", "_shifted",
+                 "_sums")
 
     def __init__(self, logits: np.ndarray, temperature: float = 1.0) -> None:
         if type(logits) is not np.ndarray:
@@ -72,12 +75,14 @@ class Softmax:
             logits = logits.reshape(-1, logits.shape[-1])
         self._logits = logits
         self._probabilities: np.ndarray | None = None
+        self._scores: list[float] | None = None
         if logits.size > PYTHON_MAX_LOGITS:
             self._numpy(logits, temperature)
             return
         # As few numpy calls and Python steps as there can be: right after an inference each
-        # costs more than the arithmetic (docs/design.md, "The runtime's own time").
-        rows = logits.tolist()  # exact: float32 and float16 widen
+        # costs more than the arithmetic (docs/design.md, "The runtime's own time"). The
+        # exps wait until a value is read (`at_least` decides without them where it can).
+        rows = self._rows = logits.tolist()  # exact: float32 and float16 widen
         shifted: list[float] = []
         classes: list[int] = []
         for row in rows:  # loops, not comprehensions: each of those is a call in 3.11
@@ -86,8 +91,24 @@ class Softmax:
             classes.append(z.index(m))
             for v in z:
                 shifted.append(v - m)
-        e = self._e = _exp(shifted).tolist()
-        c = logits.shape[1] or 1
+        self._shifted, self._classes = shifted, classes
+
+    def _numpy(self, logits: np.ndarray, temperature: float) -> None:
+        self._rows = None
+        z = logits.astype(np.float64)
+        if temperature != 1.0:
+            z /= temperature
+        z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
+        np.exp(z, z)
+        self._e = z
+        self._sums = np.add.accumulate(z, -1)[:, -1]
+        self._scores = np.divide(1.0, self._sums).tolist()
+        self._classes = logits.argmax(-1).tolist()
+
+    def _exact(self) -> list[float]:
+        """The Python floats' exps, sums and scores (numpy's exp, in one call)."""
+        e = self._e = _exp(self._shifted).tolist()
+        c = self._logits.shape[1] or 1
         sums: list[float] = []
         scores: list[float] = []
         for i in range(0, len(e), c):
@@ -97,25 +118,53 @@ class Softmax:
             sums.append(s)
             scores.append(1.0 / s)
             if s != s:  # a NaN (or an inf) in the row: numpy's argmax names the first NaN
-                row = rows[i // c]
-                classes[i // c] = next((j for j, v in enumerate(row) if v != v),
-                                       classes[i // c])
-        self._sums, self.scores, self.classes = sums, scores, classes
+                assert self._rows is not None
+                row = self._rows[i // c]
+                self._classes[i // c] = next((j for j, v in enumerate(row) if v != v),
+                                             self._classes[i // c])
+        self._sums, self._scores = sums, scores
+        return scores
 
-    def _numpy(self, logits: np.ndarray, temperature: float) -> None:
-        z = logits.astype(np.float64)
-        if temperature != 1.0:
-            z /= temperature
-        z -= _max(z, -1, None, None, True)  # (axis, dtype, out, keepdims)
-        np.exp(z, z)
-        self._e = z
-        self._sums = np.add.accumulate(z, -1)[:, -1]
-        self.scores = np.divide(1.0, self._sums).tolist()
-        self.classes = logits.argmax(-1).tolist()
+    @property
+    def scores(self) -> list[float]:
+        """Each row's max-softmax score."""
+        return self._scores if self._scores is not None else self._exact()
+
+    @property
+    def classes(self) -> list[int]:
+        if self._scores is None:
+            self._exact()  # a row with a NaN names its first NaN
+        return self._classes
+
+    def at_least(self, threshold: float) -> list[bool]:
+        """score >= threshold per row, as `scores` decides it. Rows still in Python floats
+        are first decided with math.exp, which is not numpy's exp but within a few units in
+        the last place of it (of 2**-52), so where the score is further than 1e-9 of the
+        threshold from it the answer is the same; only if some row is that close are numpy's
+        exps taken. At batch 1 this spares a cascade step that answers no one its numpy call
+        (docs/design.md, "The runtime's own time")."""
+        if self._scores is None:
+            c = self._logits.shape[1] or 1
+            shifted, margin = self._shifted, 1e-9 * abs(threshold)
+            out: list[bool] = []
+            for i in range(0, len(shifted), c):
+                s = 0.0
+                for v in shifted[i:i + c]:
+                    s += _math_exp(v)
+                score = 1.0 / s
+                if not abs(score - threshold) > margin:  # also NaN: numpy's say
+                    break
+                out.append(score >= threshold)
+            else:
+                return out
+        t = threshold
+        return [s >= t for s in self.scores]
 
     def probabilities(self) -> np.ndarray:
         """[n, C] float64 (computed once; do not modify it)."""
         if self._probabilities is None:
+            if self._scores is None:
+                self._exact()
             n, c = self._logits.shape
             if isinstance(self._e, np.ndarray):
                 self._probabilities = self._e / np.asarray(self._sums)[:, None]
@@ -248,6 +297,8 @@ class ConfidenceThresholds:
             return _all(step, True)
         sm = step.softmax(self.temperature(step.exit))
         t = self.values[step.exit - 1]
+        if self.criterion == "max_softmax":
+            return sm.at_least(t)
         return [s >= t for s in scores_of(sm, self.criterion)]
 
     def worst_case(self) -> ConfidenceThresholds:
