@@ -86,16 +86,8 @@ class AnytimeModel:
                 budget_ms: float | None = None, exit: int | None = None,
                 criterion: str | None = None, stat: str = "p50") -> list[Prediction]:
         """One Prediction per sample of `batch` ([N, C, H, W], normalised as the manifest says)."""
-        if (exit is not None and threshold is None and budget_ms is None and criterion is None
-                and stat == "p50" and type(exit) is int and 0 < exit <= len(self.manifest.exits)):
-            # One fixed exit, the options valid by construction: straight to it (at batch 1
-            # the options object and its checks cost 1% of exit 1's time).
-            x = check_batch(batch, self.manifest.input)
-            result = self._finish(self._fixed(x, exit, "exit", False), self._notes())
-        else:
-            options = PredictOptions(threshold, budget_ms, exit, criterion, stat)
-            result = self.run(batch, options, probabilities=False)
-        return result.predictions(self.class_names)
+        options = PredictOptions(threshold, budget_ms, exit, criterion, stat)
+        return self.run(batch, options, probabilities=False).predictions(self.class_names)
 
     def run(self, batch: Any, options: PredictOptions | None = None, *,
             probabilities: bool = True) -> CascadeResult:
@@ -110,7 +102,7 @@ class AnytimeModel:
                     probabilities: bool = True) -> CascadeResult:
         """`run` without checking again what the caller checked: `x` as check_batch returns
         it, `options` validated (a server checks each request once, on arrival)."""
-        notes = self._notes()
+        notes: list[str] = [self._backend_note] if self._backend_note else []
         p = probabilities
         if options.exit is not None:
             result = self._fixed(x, options.exit, "exit", p)
@@ -134,19 +126,12 @@ class AnytimeModel:
                 result = self._fixed(x, self.num_exits, "exit", p)
             else:
                 result = self._cascade(x, policy, options, notes, probabilities=p)
-        return self._finish(result, notes)
-
-    def _notes(self) -> list[str]:
-        return [self._backend_note] if self._backend_note else []
-
-    def _finish(self, result: CascadeResult, notes: list[str]) -> CascadeResult:
-        """`notes` first among the result's warnings, each said once per model."""
         if notes or result.warnings:
             result.warnings = notes + result.warnings
             for note in result.warnings:
-                if note not in self._warned:
+                if note not in self._warned:  # each distinct warning once per model
                     self._warned.add(note)
-                    warnings.warn(note, RuntimeWarning, stacklevel=3)
+                    warnings.warn(note, RuntimeWarning, stacklevel=2)
         return result
 
     def run_policy(self, batch: Any, policy: Policy, plan: Plan | Sequence[int] | None = None,

@@ -105,24 +105,28 @@ class Softmax:
         self._scores = np.divide(1.0, self._sums).tolist()
         self._classes = logits.argmax(-1).tolist()
 
+    def _row_sums(self, e: list[float]) -> list[float]:
+        """Each row's sum of `e` (flat, row after row), first class to last, as
+        np.add.accumulate sums."""
+        c = self._logits.shape[1] or 1
+        sums: list[float] = []
+        for i in range(0, len(e), c):
+            s = 0.0
+            for v in e[i:i + c]:
+                s += v
+            sums.append(s)
+        return sums
+
     def _exact(self) -> list[float]:
         """The Python floats' exps, sums and scores (numpy's exp, in one call)."""
         e = self._e = _exp(self._shifted).tolist()
-        c = self._logits.shape[1] or 1
-        sums: list[float] = []
-        scores: list[float] = []
-        for i in range(0, len(e), c):
-            s = 0.0
-            for v in e[i:i + c]:  # first class to last, as np.add.accumulate
-                s += v
-            sums.append(s)
-            scores.append(1.0 / s)
+        sums = self._sums = self._row_sums(e)
+        scores = self._scores = [1.0 / s for s in sums]
+        for i, s in enumerate(sums):
             if s != s:  # a NaN (or an inf) in the row: numpy's argmax names the first NaN
                 assert self._rows is not None
-                row = self._rows[i // c]
-                self._classes[i // c] = next((j for j, v in enumerate(row) if v != v),
-                                             self._classes[i // c])
-        self._sums, self._scores = sums, scores
+                self._classes[i] = next((j for j, v in enumerate(self._rows[i]) if v != v),
+                                        self._classes[i])
         return scores
 
     @property
@@ -143,21 +147,12 @@ class Softmax:
         threshold from it the answer is the same; only if some row is that close are numpy's
         exps taken. At batch 1 this spares a cascade step that answers no one its numpy call
         (docs/design.md, "The runtime's own time")."""
-        if self._scores is None:
-            c = self._logits.shape[1] or 1
-            shifted, margin = self._shifted, 1e-9 * abs(threshold)
-            out: list[bool] = []
-            for i in range(0, len(shifted), c):
-                s = 0.0
-                for v in shifted[i:i + c]:
-                    s += _math_exp(v)
-                score = 1.0 / s
-                if not abs(score - threshold) > margin:  # also NaN: numpy's say
-                    break
-                out.append(score >= threshold)
-            else:
-                return out
         t = threshold
+        if self._scores is None:
+            near = 1e-9 * abs(t)
+            rough = [1.0 / s for s in self._row_sums([_math_exp(v) for v in self._shifted])]
+            if all(abs(s - t) > near for s in rough):  # False for a NaN: numpy's say
+                return [s >= t for s in rough]
         return [s >= t for s in self.scores]
 
     def probabilities(self) -> np.ndarray:
@@ -227,12 +222,10 @@ class Step:
     next_cost_ms: float | None = None
     # softmax(logits) by temperature, computed once per step: the policy scores with it and
     # the anytime model answers with it
-    _softmax: dict[float, Softmax] | None = field(default=None, init=False, compare=False,
-                                                  repr=False)
+    _softmax: dict[float, Softmax] = field(default_factory=dict, init=False, compare=False,
+                                           repr=False)
 
     def softmax(self, temperature: float = 1.0) -> Softmax:
-        if self._softmax is None:
-            self._softmax = {}
         sm = self._softmax.get(temperature)
         if sm is None:
             sm = self._softmax[temperature] = Softmax(self.logits, temperature)
