@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import importlib
 import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from byot_edge.errors import ByotError
+
+# numpy 2 moved numpy.core to numpy._core (numpy 1.26 has only a stub of it, 1.24 none): the
+# pickles' helpers come from whichever this numpy really has.
+_NP_CORE = "numpy._core" if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else "numpy.core"
+_multiarray = importlib.import_module(f"{_NP_CORE}.multiarray")
+_numeric = importlib.import_module(f"{_NP_CORE}.numeric")
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
@@ -136,11 +143,11 @@ class _ArraysOnly(pickle.Unpickler):
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         # Python 2 era files say numpy.core, numpy 2 writes numpy._core
-        **{(mod, "_reconstruct"): np._core.multiarray._reconstruct
+        **{(mod, "_reconstruct"): _multiarray._reconstruct
            for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
-        **{(mod, "scalar"): np._core.multiarray.scalar
+        **{(mod, "scalar"): _multiarray.scalar
            for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
-        **{(mod, "_frombuffer"): np._core.numeric._frombuffer
+        **{(mod, "_frombuffer"): _numeric._frombuffer
            for mod in ("numpy.core.numeric", "numpy._core.numeric")},
         ("_codecs", "encode"): codecs.encode,  # bytes in protocol 2 pickles from Python 3
     }

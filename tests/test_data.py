@@ -1,14 +1,16 @@
+"""Datasets (numpy only: these run in the compatibility job too, on numpy 1.x without torch)
+and the training batches (torch)."""
+
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from byot_edge.data import Batches, _random_crop
 from byot_edge.datasets import dataset_info, load_arrays, synthetic_arrays, train_val_split
 from byot_edge.errors import ByotError
 
@@ -88,6 +90,9 @@ def test_val_split_is_disjoint_and_reproducible():
 
 
 def test_random_crop_shifts_each_image_by_its_own_offset():
+    torch = pytest.importorskip("torch")
+    from byot_edge.data import _random_crop
+
     x = torch.arange(1, 33, dtype=torch.uint8).view(2, 1, 4, 4)
     out = _random_crop(x, 1, torch.tensor([1, 0]), torch.tensor([1, 2]))
     torch.testing.assert_close(out[0], x[0])  # offset (1, 1) is the identity
@@ -98,6 +103,9 @@ def test_random_crop_shifts_each_image_by_its_own_offset():
 
 
 def test_batches_train_and_eval():
+    torch = pytest.importorskip("torch")
+    from byot_edge.data import Batches
+
     a = synthetic_arrays(100)
     info = dataset_info("synthetic")
     imgs, labels = torch.from_numpy(a.images), torch.from_numpy(a.labels)
@@ -113,8 +121,6 @@ def test_batches_train_and_eval():
 
 def _cifar_folder(tmp_path, test_batch: bytes, protocol: int = 2):
     """A cifar-10-batches-py folder with a good batches.meta and the given test_batch bytes."""
-    import pickle
-
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
     meta = {"label_names": [f"c{i}" for i in range(10)]}
@@ -125,14 +131,26 @@ def _cifar_folder(tmp_path, test_batch: bytes, protocol: int = 2):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
-    import pickle
-
     data = np.random.default_rng(0).integers(0, 255, (3, 3072), dtype=np.uint8)
     batch = {b"data": data, b"labels": [1, 2, 3], b"filenames": [b"a.png"] * 3}
     a = load_arrays("cifar10", _cifar_folder(tmp_path, pickle.dumps(batch, protocol=protocol),
                                              protocol), "test")
     np.testing.assert_array_equal(a.images.reshape(3, -1), data)
     assert a.labels.tolist() == [1, 2, 3] and a.class_names[0] == "c0"
+
+
+@pytest.mark.parametrize("core", ["numpy.core", "numpy._core"])
+def test_cifar_batches_written_by_numpy_1_or_2_load_on_this_numpy(tmp_path, core):
+    # The official batches name numpy.core (numpy 1), numpy 2 writes numpy._core; both load
+    # on numpy 1.x and 2.x alike (on numpy 1.x this module once failed at import).
+    data = np.random.default_rng(0).integers(0, 255, (2, 3072), dtype=np.uint8)
+    raw = pickle.dumps({b"data": data, b"labels": [4, 5]}, protocol=2)
+    # protocol 2 names globals as plain "module\nname\n" lines: rename the module in place
+    raw = raw.replace(b"numpy._core.", b"numpy.core.").replace(b"numpy.core.", f"{core}.".encode())
+    assert f"{core}.multiarray".encode() in raw
+    a = load_arrays("cifar10", _cifar_folder(tmp_path, raw), "test")
+    np.testing.assert_array_equal(a.images.reshape(2, -1), data)
+    assert a.labels.tolist() == [4, 5]
 
 
 class _Payload:
@@ -146,8 +164,6 @@ class _Payload:
 
 
 def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
-    import pickle
-
     marker = tmp_path / "pwned"
     evil = pickle.dumps({"data": _Payload(marker), "labels": [0]}, protocol=2)
     folder = _cifar_folder(tmp_path, evil)
@@ -157,8 +173,6 @@ def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
 
 
 def test_cifar_batch_without_its_fields_is_reported(tmp_path):
-    import pickle
-
     folder = _cifar_folder(tmp_path, pickle.dumps({"labels": [0]}))
     with pytest.raises(ByotError, match="no 'data' entry"):
         load_arrays("cifar10", folder, "test")
