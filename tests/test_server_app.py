@@ -30,6 +30,7 @@ from byot_edge.runtime.batching import Batcher, BatcherClosed
 from byot_edge.runtime.policies import softmax
 from byot_edge.runtime.preprocess import check_batch, load_images
 from byot_edge.runtime.server import PredictResponse, ServeConfig, ServerContext, create_app
+from byot_edge.runtime.server.budget import BodyHold
 
 
 class GatedModel(AnytimeModel):
@@ -405,7 +406,7 @@ def test_a_mounted_router_shares_the_model_the_batcher_the_auth_and_the_metrics(
 
         @router.post("/v2/exit/{k}")
         async def infer(k: int, request: Request) -> dict[str, Any]:
-            async def read() -> bytes:
+            async def read(hold: BodyHold) -> bytes:  # charged what it returns
                 return await request.body()
 
             async def decode(body: bytes) -> np.ndarray:
@@ -644,3 +645,60 @@ def test_the_v2_routes_serve_the_model_under_its_configured_name(
     for bad in ("", "a/b", "-x", "a b"):
         with pytest.raises(ByotError, match="--model-name"):
             ServeConfig(model_name=bad)
+
+
+V2_GOOD_INPUT = {"name": "image", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                 "data": [0.0] * 3072}
+# Documents a client may send to /v2/.../infer that are not what the protocol says: each
+# is a 400 naming the field, never a 500.
+V2_MALFORMED: list[tuple[str, dict[str, Any], str]] = [
+    ("request parameters a list", {"inputs": [V2_GOOD_INPUT], "parameters": [1]},
+     "parameters"),
+    ("request parameters a string", {"inputs": [V2_GOOD_INPUT], "parameters": "x"},
+     "parameters"),
+    ("input parameters a list", {"inputs": [{**V2_GOOD_INPUT, "parameters": [1]}]},
+     "parameters"),
+    ("input parameters a string", {"inputs": [{**V2_GOOD_INPUT, "parameters": "x"}]},
+     "parameters"),
+    ("outputs a number", {"inputs": [V2_GOOD_INPUT], "outputs": 5}, "outputs"),
+    ("output parameters a list", {"inputs": [V2_GOOD_INPUT],
+                                  "outputs": [{"name": "exit", "parameters": [1]}]},
+     "parameters"),
+    ("binary_data_size a string", {"inputs": [{**V2_GOOD_INPUT, "data": None,
+                                               "parameters": {"binary_data_size": "x"}}]},
+     "binary_data_size"),
+]
+
+
+@pytest.mark.parametrize(("doc", "words"), [m[1:] for m in V2_MALFORMED],
+                         ids=[m[0] for m in V2_MALFORMED])
+def test_malformed_v2_requests_get_400_naming_the_field(model: GatedModel, doc: dict[str, Any],
+                                                       words: str) -> None:
+    with serving(model) as c:
+        r = c.post("/v2/models/byot/infer", json=doc)
+        assert r.status_code == 400, r.text
+        assert words in r.json()["error"]
+        ok = c.post("/v2/models/byot/infer", json={"inputs": [V2_GOOD_INPUT]})
+        assert ok.status_code == 200, ok.text
+
+
+def test_bodies_past_the_server_wide_budget_get_503_before_being_read(
+        model: GatedModel, x: np.ndarray) -> None:
+    with serving(model, max_upload_mb=0.5, max_bodies_mb=0.5) as c:
+        data = npy(x[:1])
+        sock = _partial_upload(c, data[:100], 300_000)  # holds 300,000 bytes of the budget
+        try:
+            wait_until(lambda: gauge(c, "byot_edge_requests_receiving") == 1, 30,
+                       "the stalled upload")
+            big = npy(np.concatenate([x] * 2)[:24])  # 295,040 bytes: 595,040 > 0.5 MiB
+            for path in ("/v1/predict", "/v1/predict?exit=01"):  # the fast path, the route
+                r = c.post(path, content=big, headers={"Content-Type": "application/x-npy"})
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                assert "too many uploads" in r.json()["detail"]
+            r = c.post("/v1/predict", content=data, headers={"Content-Type": "application/x-npy"})
+            assert r.status_code == 200, r.text  # a small one still fits beside it
+        finally:
+            sock.close()
+        wait_until(lambda: c.post("/v1/predict", content=big, headers={
+            "Content-Type": "application/x-npy"}).status_code == 200, 30, "the budget freed")
+        assert 'reason="uploads"' in c.get("/metrics").text

@@ -43,6 +43,10 @@ NPY_MAGIC = b"\x93NUMPY"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # A .npy body up to this size decodes (a copy) faster than a hop to a thread and back.
 INLINE_NPY_BYTES = 2**20
+# Room for a .npy header: numpy.save writes 128 bytes for a 4-D array.
+NPY_HEADER_BYTES = 4096
+# What a JSON body may hold besides its numbers' separators ({"tensor": ...} has none).
+JSON_SLACK_VALUES = 16
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,32 @@ def media_type(content_type: str) -> str:
                             "application/json or application/x-npy")
 
 
+def max_body(media: str, spec: InputSpec, limits: Limits, upload: int) -> tuple[int, str | None]:
+    """The largest body of `media` worth reading, and the 413's message past it (None: the
+    upload limit's own). A .npy body's size follows from its samples: one declaring more
+    than `max_samples` of them is refused before a byte is read."""
+    if media in NPY_TYPES:
+        most = (limits.max_samples * math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+                + NPY_HEADER_BYTES)
+        if most < upload:
+            return most, (f"the body is larger than a .npy file of at most {limits.max_samples} "
+                          f"samples of {list(spec.shape)} {spec.dtype} can be ({most} bytes); "
+                          f"the server takes at most {limits.max_samples} per request "
+                          "(--max-batch): send fewer samples, as " + spec.dtype)
+    return upload, None
+
+
+def check_json_values(body: bytes, max_values: int, what: str = "the JSON body") -> None:
+    """413 when `body` holds more than `max_values` values, counted by their separators
+    before it is parsed: a parsed number costs 32 bytes or more, so the cost of parsing is
+    bounded by what a request may hold, not by how many bytes it sends."""
+    values = body.count(b",") + 1
+    if values > max_values:
+        raise RequestError(413, f"{what} holds about {values} values, more than the "
+                                f"{max_values} a request may hold; send fewer samples, or "
+                                "send them as .npy (application/x-npy)")
+
+
 def decodes_inline(media: str, size: int) -> bool:
     """Whether decoding costs less than handing the body to a thread (small .npy files)."""
     return media in NPY_TYPES and size <= INLINE_NPY_BYTES
@@ -72,6 +102,7 @@ def decode_body(media: str, body: bytes, parts: Sequence[tuple[str, bytes]] | No
     """A request's samples as the checked batch the model takes. `parts`: the multipart
     `file` parts (for media multipart/form-data), else None."""
     if media == JSON_TYPE:
+        check_json_values(body, limits.max_samples * math.prod(spec.shape) + JSON_SLACK_VALUES)
         x = _tensor(_json_tensor(body), spec, from_json=True)
     elif media in NPY_TYPES:
         x = _tensor(_npy(body, "the body"), spec)
@@ -143,6 +174,10 @@ def _npy(data: bytes, what: str) -> np.ndarray:
         raise RequestError(400, f"{bad} ({str(e)[:200]}); save it with numpy.save") from None
     if dtype.hasobject:
         raise RequestError(422, f"{what} holds Python objects; send a numeric array")
+    # Two negative dimensions multiply to a size the data can match, then reshape raises.
+    if any(d < 0 for d in shape):
+        raise RequestError(400, f"{bad}: its header has a negative dimension {list(shape)}; "
+                                "save the array with numpy.save")
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data) - offset:
         raise RequestError(400, f"{bad}: its header says {list(shape)} {dtype} ({expected} "

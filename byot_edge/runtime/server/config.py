@@ -18,6 +18,13 @@ class ServeConfig:
     max_wait_ms: float = 2.0  # once the model is free, longest a batch waits for more
     max_queue: int = 64  # requests held at once once their body is in (decoding, queued, running)
     max_upload_mb: float = 10.0
+    # The bytes of request bodies held at once (being read or decoded), server-wide; a
+    # request that would go past it gets 503 before its body is read. None: 4 uploads at
+    # the limit, at least 64 MiB.
+    max_bodies_mb: float | None = None
+    # Connections uvicorn keeps at once (its limit_concurrency: 503 past it). Each holds up
+    # to 64 KiB of a body nobody reads yet, so this bounds that memory; /healthz shares it.
+    max_connections: int = 1024
     token: str | None = None  # bearer token for /v1/* and /metrics; None: no auth
     max_image_pixels: int = 4096 * 4096  # decoded size limit: a small PNG can be huge
     max_request_pixels: int = 2 * 4096 * 4096  # all of one request's images together
@@ -35,6 +42,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,
                   "max_queue": self.max_queue >= 1, "max_upload_mb": self.max_upload_mb > 0,
+                  "max_connections": self.max_connections >= 1,
                   "max_image_pixels": self.max_image_pixels >= 1,
                   "max_request_pixels": self.max_request_pixels >= 1,
                   "body_timeout_s": self.body_timeout_s > 0,
@@ -45,6 +53,10 @@ class ServeConfig:
         if bad:
             raise ByotError(f"invalid server settings: {', '.join(bad)} out of range "
                             "(max_wait_ms and shutdown_timeout_s >= 0, the others positive)")
+        if self.max_bodies_mb is not None and not self.max_bodies_mb >= self.max_upload_mb:
+            raise ByotError(f"--max-bodies-mb {self.max_bodies_mb:g} is below --max-upload-mb "
+                            f"{self.max_upload_mb:g}: the server could not take one upload at "
+                            "the limit; raise it (or leave it unset)")
         if not MODEL_NAME.fullmatch(self.model_name):
             raise ByotError(f"invalid model name {self.model_name!r} (--model-name): use "
                             "letters, digits, '.', '_' and '-', as a URL path segment, "
@@ -56,6 +68,11 @@ class ServeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_bodies_bytes(self) -> int:
+        mb = self.max_bodies_mb
+        return int((max(64.0, 4 * self.max_upload_mb) if mb is None else mb) * 2**20)
 
     @property
     def limits(self) -> Limits:

@@ -20,6 +20,7 @@ from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.batching import Answer, Batcher, BatcherClosed
 from byot_edge.runtime.metrics import ServerMetrics
+from byot_edge.runtime.server.budget import BodyBudget, BodyHold
 from byot_edge.runtime.server.config import ServeConfig
 
 log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log format
@@ -37,7 +38,12 @@ class ServerContext:
     ready: bool = False
     not_ready: str = "warming up"
     admitted: int = 0  # prediction requests holding a queue slot
+    # The bytes of bodies being read or decoded, server-wide (config.max_bodies_bytes).
+    bodies: BodyBudget = field(init=False)
     _warming: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bodies = BodyBudget(self.config.max_bodies_bytes, self.metrics)
 
     # -- life cycle (the app's lifespan) -------------------------------------------------
 
@@ -93,26 +99,34 @@ class ServerContext:
             self.model.threshold_policy(options.threshold, options.criterion)  # raises if bad
         return options
 
-    async def predict(self, options: PredictOptions, read: Callable[[], Awaitable[bytes]],
+    async def predict(self, options: PredictOptions | Callable[[], PredictOptions],
+                      read: Callable[[BodyHold], Awaitable[bytes]],
                       decode: Callable[[bytes], Awaitable[np.ndarray]]) -> Answer:
-        """The path of every prediction: 503 unless ready; `read()` the body while holding
-        no queue slot (slow uploads cannot fill the queue); a slot, 503 when max_queue are
-        held; `decode(body)` into a checked batch (decode_body); the batcher."""
+        """The path of every prediction: 503 unless ready; `read(hold)` the body while
+        holding no queue slot (slow uploads cannot fill the queue) but its bytes in the
+        server's body budget (`hold.reserve`: 503 when spent; a reader that does not
+        reserve is charged what it returns); a slot, 503 when max_queue are held;
+        `decode(body)` into a checked batch (decode_body), after which the body's bytes
+        are released; the batcher. `options`: validated, or a function giving them once
+        the body is decoded (the /v2 API's are in its body)."""
         batcher = self._ready_batcher()
-        with batcher.receiving():  # the batch being formed may wait for this one
+        with batcher.receiving(), self.bodies.hold() as hold:  # the batch may wait for it
             self.metrics.receiving.inc()
             try:
-                body = await read()
+                body = await read(hold)
             finally:
                 self.metrics.receiving.dec()
+            hold.reserve(len(body))
             self._take_slot(batcher)
             try:
                 x = await decode(body)
             except BaseException:
                 self._free_slot()
                 raise
+            del body  # what the budget counted: gone once decoded
         try:
-            return await self._submit(batcher, x, options)
+            return await self._submit(batcher, x, options if isinstance(options, PredictOptions)
+                                      else options())
         finally:
             self._free_slot()
 

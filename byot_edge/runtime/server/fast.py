@@ -29,8 +29,15 @@ from urllib.parse import parse_qsl
 from starlette.concurrency import run_in_threadpool
 
 from byot_edge.errors import ByotError
-from byot_edge.runtime.decode import MULTIPART_TYPE, decode_body, decodes_inline, media_type
+from byot_edge.runtime.decode import (
+    MULTIPART_TYPE,
+    decode_body,
+    decodes_inline,
+    max_body,
+    media_type,
+)
 from byot_edge.runtime.policies import CRITERIA
+from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
 from byot_edge.runtime.server.encode import JSON_HEADERS, error_parts, predict_document, to_json
 from byot_edge.runtime.server.http import Receive, read_asgi_body
@@ -142,9 +149,11 @@ class FastPredict:
         media = media_type((_header(scope, b"content-type") or b"").decode("latin-1"))
         spec, limits = self.spec, self.limits
 
-        async def read() -> bytes:
-            return await read_asgi_body(receive, _header(scope, b"content-length"),
-                                        config.max_upload_bytes, config.body_timeout_s)
+        limit, too_big = max_body(media, spec, limits, config.max_upload_bytes)
+
+        async def read(hold: BodyHold) -> bytes:
+            return await read_asgi_body(receive, _header(scope, b"content-length"), limit,
+                                        config.body_timeout_s, hold, too_big)
 
         async def decode(body: bytes) -> Any:
             if decodes_inline(media, len(body)):

@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.metrics import ServerMetrics
+from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.encode import error_parts
 
 # nginx's code for "the client closed the connection before the answer": never sent, but
@@ -32,20 +33,28 @@ CLIENT_CLOSED = 499
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float,
+                    hold: BodyHold | None = None, too_big: str | None = None) -> bytes:
     """The body of a routed request, under the limits of `read_asgi_body`."""
     return await read_asgi_body(request.receive, request.headers.get("content-length", "")
-                                .encode("latin-1"), limit, timeout_s)
+                                .encode("latin-1"), limit, timeout_s, hold, too_big)
 
 
 async def read_asgi_body(receive: Receive, declared: bytes | None, limit: int,
-                         timeout_s: float) -> bytes:
-    """The body from ASGI messages under the limits, 413 as
-    soon as it is over `limit`, 408 after `timeout_s`, 499 if the client left."""
-    too_big = RequestError(413, f"the upload is over the server's limit of {limit / 2**20:g} "
-                                "MiB; send a smaller image or tensor")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
+                         timeout_s: float, hold: BodyHold | None = None,
+                         too_big: str | None = None) -> bytes:
+    """The body from ASGI messages under the limits: 413 (`too_big`, or the upload limit's
+    message) when the declared length is over `limit`, before anything is read, or as soon
+    as what arrived is; 408 after `timeout_s`; 499 if the client left. `hold` reserves the
+    bytes in the server's body budget (503 when it is spent), the declared length up front,
+    then what arrives."""
+    over = RequestError(413, too_big or f"the upload is over the server's limit of "
+                                        f"{limit / 2**20:g} MiB; send a smaller image or tensor")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise over
+        if hold is not None:
+            hold.reserve(int(declared))
 
     async def read() -> bytes:
         chunks, size = [], 0
@@ -57,7 +66,9 @@ async def read_asgi_body(receive: Receive, declared: bytes | None, limit: int,
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_big
+                raise over
+            if hold is not None:
+                hold.reserve(size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

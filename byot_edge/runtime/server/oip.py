@@ -22,19 +22,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from byot_edge import __version__
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.anytime import AnytimeModel
+from byot_edge.runtime.decode import check_json_values
 from byot_edge.runtime.preprocess import check_batch
+from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
 from byot_edge.runtime.server.http import read_body
 from byot_edge.triton.config import DATATYPES, WIRE_DATATYPES
 from byot_edge.triton.protocol import (
     INPUT,
     OUTPUTS,
+    Request,
     answer_tensors,
     parse_parameters,
 )
@@ -48,8 +53,25 @@ NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np
          "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 
 
+# A JSON request header may hold this many values besides its input's data (parameters,
+# outputs, shape): what bounds the cost of parsing it (decode.check_json_values).
+HEADER_VALUES = 1024
+# A request header up to this size parses faster than a hop to a thread and back.
+INLINE_HEADER_BYTES = 2**16
+
+
 class ProtocolError(ByotError):
     """A request the protocol cannot parse: a 400 with the message."""
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """A JSON object the protocol allows to be absent ({} then), else a 400."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a JSON object, e.g. {{\"exit\": 1}}, got "
+                            f"{json.dumps(value)[:80]}")
+    return value
 
 
 def _input_tensor(doc: dict[str, Any], binary: bytes, model: AnytimeModel) -> np.ndarray:
@@ -67,10 +89,11 @@ def _input_tensor(doc: dict[str, Any], binary: bytes, model: AnytimeModel) -> np
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolError(f"input {INPUT!r} needs a shape of non-negative integers, got {shape}")
     dtype = np.dtype(NUMPY[want])
-    size = (t.get("parameters") or {}).get("binary_data_size")
+    size = _object(t.get("parameters"), f"input {INPUT!r}'s parameters").get("binary_data_size")
     try:
         if size is not None:
-            if size != int(np.prod(shape)) * dtype.itemsize or size > len(binary):
+            if (not isinstance(size, int) or size != math.prod(shape) * dtype.itemsize
+                    or size > len(binary)):
                 raise ProtocolError(f"input {INPUT!r}: binary_data_size {size} does not match "
                                     f"shape {shape} of {want} (or the body is shorter)")
             x = np.frombuffer(binary[:size], dtype).reshape(shape)
@@ -84,18 +107,22 @@ def _input_tensor(doc: dict[str, Any], binary: bytes, model: AnytimeModel) -> np
 
 def _output_choice(doc: dict[str, Any], produced: Sequence[str]) -> list[tuple[str, bool]]:
     """(name, binary?) of each output to send, in the order asked for."""
-    default_binary = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = bool(_object(doc.get("parameters"), "the request's parameters")
+                          .get("binary_data_output", False))
     asked = doc.get("outputs")
     if not asked:
         return [(name, default_binary) for name in produced]
+    if not isinstance(asked, list):
+        raise ProtocolError('"outputs" must be a list of {"name": ...} objects, e.g. '
+                            '[{"name": "class_index"}]')
     out = []
     for o in asked:
         name = o.get("name") if isinstance(o, dict) else None
         if name not in produced:
             raise ProtocolError(f"output {name!r} is not produced for this request; outputs: "
                                 f"{', '.join(produced)} (top_k outputs need top_k > 0)")
-        out.append((name, bool((o.get("parameters") or {}).get("binary_data",
-                                                                 default_binary))))
+        params = _object(o.get("parameters"), f"output {name!r}'s parameters")
+        out.append((name, bool(params.get("binary_data", default_binary))))
     return out
 
 
@@ -123,8 +150,10 @@ def encode_response(name: str, doc: dict[str, Any],
                                       HEADER_LENGTH: str(len(header))}
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """(the JSON request, the binary data after it)."""
+def decode_request(body: bytes, header_length: str | None,
+                   max_values: int | None = None) -> tuple[dict[str, Any], bytes]:
+    """(the JSON request, the binary data after it); 413 when its JSON holds more than
+    `max_values` values (None: no bound)."""
     try:
         n = len(body) if header_length is None else int(header_length)
     except ValueError:
@@ -133,6 +162,8 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
     if not 0 < n <= len(body):
         raise ProtocolError(f"Inference-Header-Content-Length {n} does not fit a body of "
                             f"{len(body)} bytes")
+    if max_values is not None:
+        check_json_values(body[:n], max_values, "the request's JSON")
     try:
         doc = json.loads(body[:n])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -140,6 +171,22 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
     if not isinstance(doc, dict):
         raise ProtocolError("the request must be a JSON object with 'inputs'")
     return doc, body[n:]
+
+
+def parse_infer(body: bytes, header_length: str | None, model: AnytimeModel,
+                max_samples: int) -> tuple[np.ndarray, Request, dict[str, Any]]:
+    """An infer request's checked batch, its parameters, and what of its JSON document
+    the answer needs (id, outputs, parameters: not the input's data). Its JSON may hold
+    `max_samples` samples' data and HEADER_VALUES more values (413 past that)."""
+    values = max_samples * math.prod(model.manifest.input.shape) + HEADER_VALUES
+    doc, binary = decode_request(body, header_length, values)
+    params = {k: v for k, v in _object(doc.get("parameters"), "the request's parameters")
+              .items() if k not in TRANSPORT_PARAMETERS}
+    parsed = parse_parameters(params, model.num_exits, len(model.class_names))
+    # Outputs named that this request will not produce are refused before it runs.
+    _output_choice(doc, [n for n, *_ in OUTPUTS if parsed.top_k or not n.startswith("top_k")])
+    x = _input_tensor(doc, binary, model)
+    return x, parsed, {k: doc[k] for k in ("id", "outputs", "parameters") if k in doc}
 
 
 def model_metadata(model: AnytimeModel, name: str) -> dict[str, Any]:
@@ -199,26 +246,30 @@ def oip_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/v2/models/{model_name}/infer", dependencies=guarded)
     @router.post("/v2/models/{model_name}/versions/{version}/infer", dependencies=guarded)
-    async def infer(model_name: str, request: Request, version: str = "1") -> Response:
+    async def infer(model_name: str, request: HTTPRequest, version: str = "1") -> Response:
         if (missing := known(model_name)) is not None:
             return missing
+        header_length = request.headers.get(HEADER_LENGTH)
+        decoded: list[tuple[Request, dict[str, Any]]] = []  # by decode: parameters, doc
+
+        async def read(hold: BodyHold) -> bytes:
+            return await read_body(request, config.max_upload_bytes, config.body_timeout_s,
+                                   hold)
+
+        async def decode(body: bytes) -> np.ndarray:
+            # The options are in the body: parsed with the tensor, once the body is in
+            # and the request holds a queue slot, as /v1/predict decodes.
+            if len(body) <= INLINE_HEADER_BYTES:
+                x, parsed, doc = parse_infer(body, header_length, model, config.max_batch)
+            else:  # parsing a large JSON document would stall the loop
+                x, parsed, doc = await run_in_threadpool(parse_infer, body, header_length,
+                                                         model, config.max_batch)
+            decoded.append((parsed, doc))
+            return x
+
         try:
-            # The options are in the body, so it is read first; then the request takes the
-            # same path as /v1/predict (readiness, a queue slot, the batcher).
-            body = await read_body(request, config.max_upload_bytes, config.body_timeout_s)
-            doc, binary = decode_request(body, request.headers.get(HEADER_LENGTH))
-            params = {k: v for k, v in (doc.get("parameters") or {}).items()
-                      if k not in TRANSPORT_PARAMETERS}
-            parsed = parse_parameters(params, model.num_exits, len(model.class_names))
-            options = parsed.options
-
-            async def read() -> bytes:
-                return body
-
-            async def decode(_: bytes) -> np.ndarray:
-                return _input_tensor(doc, binary, model)
-
-            answer = await ctx.predict(options, read, decode)
+            answer = await ctx.predict(lambda: decoded[0][0].options, read, decode)
+            parsed, doc = decoded[0]
             tensors = answer_tensors(answer.result, parsed.top_k,
                                      probabilities=answer.probabilities)
             content, headers = encode_response(name, doc, tensors)

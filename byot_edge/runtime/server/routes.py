@@ -13,7 +13,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from byot_edge.errors import RequestError
-from byot_edge.runtime.decode import MULTIPART_TYPE, decode_body, decodes_inline, media_type
+from byot_edge.runtime.decode import (
+    MULTIPART_TYPE,
+    decode_body,
+    decodes_inline,
+    max_body,
+    media_type,
+)
+from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
 from byot_edge.runtime.server.encode import predict_document, to_json
 from byot_edge.runtime.server.http import form_parts, read_body
@@ -74,8 +81,10 @@ def predict_router(ctx: ServerContext) -> APIRouter:
         options = ctx.options(threshold, budget_ms, exit_, criterion, stat)
         media = media_type(request.headers.get("content-type", ""))
 
-        async def read() -> bytes:
-            return await read_body(request, config.max_upload_bytes, config.body_timeout_s)
+        limit, too_big = max_body(media, spec, limits, config.max_upload_bytes)
+
+        async def read(hold: BodyHold) -> bytes:
+            return await read_body(request, limit, config.body_timeout_s, hold, too_big)
 
         async def decode(body: bytes) -> Any:
             parts = (await form_parts(request, body, config.max_batch)
