@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import byot_edge.runtime.decode as decode
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.manifest import InputSpec
+from byot_edge.runtime.batching import BatcherClosed, InferenceThread
 from byot_edge.runtime.decode import NPY_HEADER_BYTES, Limits, decode_body, max_body
 from byot_edge.runtime.server import ServeConfig
 from byot_edge.runtime.server.budget import BodyBudget
@@ -149,3 +151,36 @@ def test_a_v2_json_header_with_more_values_than_a_request_holds_is_413() -> None
         decode_request(body, None, 8 * 48 + 1024)
     assert e.value.status == 413
     assert decode_request(body, None, 9 * 48 + 1030)[0] == doc
+
+
+# -- the inference thread's stop -------------------------------------------------------------
+
+
+def test_a_call_racing_the_shutdown_is_refused_not_left_waiting() -> None:
+    """The interleaving that lost a call: `call` saw the thread running, then `shutdown`
+    queued its stop, then `call` queued behind it, where nobody would ever run it. Here the
+    shutdown runs exactly there: when `call` makes its future."""
+    thread = InferenceThread()
+
+    async def scenario() -> None:
+        assert await thread.call(lambda: 1) == 1  # started
+        loop = asyncio.get_running_loop()
+        make_future = loop.create_future
+
+        def shutdown_then_make() -> asyncio.Future[Any]:
+            if sys._getframe(1).f_code is InferenceThread.call.__code__:
+                loop.create_future = make_future  # type: ignore[method-assign]
+                thread.shutdown()  # the stop goes in now; the thread exits
+            return make_future()
+
+        loop.create_future = shutdown_then_make  # type: ignore[method-assign]
+        task = asyncio.ensure_future(thread.call(lambda: 2))
+        for _ in range(10):  # a few turns of the loop: it is refused at its first step
+            await asyncio.sleep(0)
+        loop.create_future = make_future  # type: ignore[method-assign]
+        if not task.done():
+            task.cancel()
+        assert task.done() and not task.cancelled(), "the call was left waiting forever"
+        assert isinstance(task.exception(), BatcherClosed)
+
+    asyncio.run(scenario())

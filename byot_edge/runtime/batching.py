@@ -84,22 +84,26 @@ class InferenceThread:
                 loop.call_soon_threadsafe(_settle, future, ok, value)
 
     async def call(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        # The check and the put under one lock, as shutdown's flag and stop: a call is
+        # either queued before the stop (and run) or refused, never queued behind it.
         with self._lock:
             if self._stopped:
                 raise BatcherClosed("the inference thread has stopped")
             if self._thread.ident is None:  # started on first use
                 self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._calls.put((fn, loop, future))
+            self._calls.put((fn, loop, future))
         return await future
 
     def shutdown(self) -> None:
         """Finish the calls queued, then stop the thread; later calls raise BatcherClosed."""
         with self._lock:
             self._stopped = True
-        if self._thread.ident is not None:
-            self._calls.put(None)
+            started = self._thread.ident is not None
+            if started:
+                self._calls.put(None)
+        if started:
             self._thread.join()
 
 
