@@ -333,3 +333,62 @@ def test_parameters_are_parsed_strictly():
                           ({"budget_ms": "fast"}, "number"), ({"exit": 0}, "exit 0")):
         with pytest.raises(ByotError, match=words):
             parse_parameters(params, 4, 10)
+
+
+class FakePb:
+    """The few pieces of triton_python_backend_utils the cascade model uses."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str) -> None:
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name: str, a: np.ndarray) -> None:
+            self.name, self.a = name, a
+
+        def as_numpy(self) -> np.ndarray:
+            return self.a
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None) -> None:
+            self.outputs = {t.name: t.a for t in output_tensors or []}
+            self.error = error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.inputs.get(name)
+
+
+class FakeRequest:
+    def __init__(self, x: np.ndarray | None, parameters: str) -> None:
+        self.inputs = {} if x is None else {"image": FakePb.Tensor("image", x)}
+        self._parameters = parameters
+
+    def parameters(self) -> str:
+        return self._parameters
+
+
+def test_a_bad_request_in_a_dynamic_batch_fails_alone(reference, images):
+    from byot_edge.triton.cascade import CascadeModel
+
+    cascade = CascadeModel(reference, FakePb)
+    requests = [FakeRequest(images[:2], "{}"),
+                FakeRequest(None, "{}"),  # no input
+                FakeRequest(images[:1], "[1]"),
+                FakeRequest(images[:1], '"x"'),
+                FakeRequest(images[:1], "{not json"),
+                FakeRequest(images[:1], '{"threshold": "high"}'),
+                FakeRequest(images[2:3], '{"top_k": 2}')]
+    answers = cascade.execute(requests)
+    assert len(answers) == len(requests)
+    want = {1: "no input 'image'", 2: "map of name to value", 3: "map of name to value",
+            4: "not JSON", 5: "number"}
+    for i, words in want.items():
+        error = answers[i].error
+        assert error is not None and error.code == "INVALID_ARG", (i, error)
+        assert words in error.message, (i, error.message)
+    assert answers[0].error is None and answers[0].outputs["exit"].shape == (2, 1)
+    assert answers[0].outputs["exit"][:, 0].tolist() == reference.run(images[:2]).exits
+    assert answers[6].error is None and answers[6].outputs["top_k_class"].shape == (1, 2)

@@ -40,6 +40,18 @@ def load_cascade(model_dir: str, pb_utils: Any) -> AnytimeModel:
     return model
 
 
+def _parameters(text: str | None) -> dict[str, Any]:
+    """The request's parameters (Triton passes them as a JSON string), as a dict."""
+    try:
+        params = json.loads(text or "{}")
+    except ValueError:
+        raise ByotError(f"the request's parameters are not JSON: {str(text)[:80]!r}") from None
+    if not isinstance(params, dict):
+        raise ByotError("the request's parameters must be a map of name to value, e.g. "
+                        f'{{"threshold": 0.9}}, got {json.dumps(params)[:80]}')
+    return params
+
+
 class CascadeModel:
     def __init__(self, model: AnytimeModel, pb_utils: Any) -> None:
         self.model = model
@@ -50,13 +62,19 @@ class CascadeModel:
         return cls(load_cascade(args["model_repository"], pb_utils), pb_utils)
 
     def parse(self, request: Any) -> tuple[np.ndarray, Request]:
+        """One request's batch and parameters; a ByotError says what the client got wrong."""
         pb, model = self._pb, self.model
-        x = check_batch(pb.get_input_tensor_by_name(request, INPUT).as_numpy(),
-                        model.manifest.input)
-        params = json.loads(request.parameters() or "{}")
+        tensor = pb.get_input_tensor_by_name(request, INPUT)
+        if tensor is None:
+            raise ByotError(f"the request has no input {INPUT!r}; send the batch [N, C, H, W] "
+                            f"as the input named {INPUT!r}")
+        x = check_batch(tensor.as_numpy(), model.manifest.input)
+        params = _parameters(request.parameters())
         return x, parse_parameters(params, model.num_exits, len(model.class_names))
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
+        """One response per request, in order. Requests that Triton batched together are
+        answered each on its own: a bad one gets its error, the others their answers."""
         answers: list[Any] = [None] * len(requests)
         groups: dict[str, list[tuple[int, np.ndarray, Request]]] = {}
         for i, request in enumerate(requests):
@@ -64,6 +82,9 @@ class CascadeModel:
                 x, parsed = self.parse(request)
             except ByotError as e:
                 answers[i] = self._error(str(e), client=True)
+                continue
+            except Exception as e:  # a bug on this request: its error, not the batch's
+                answers[i] = self._error(f"could not read the request: {e!r}", client=False)
                 continue
             key = repr(parsed) if parsed.batchable else f"alone {i}"
             groups.setdefault(key, []).append((i, x, parsed))
@@ -81,9 +102,10 @@ class CascadeModel:
             for i, _, _ in members:
                 answers[i] = self._error(str(e), client=True)
             return
-        except TritonModelError as e:
+        except Exception as e:  # a segment model or the backend failed: this group only
+            message = str(e) if isinstance(e, TritonModelError) else f"the cascade failed: {e!r}"
             for i, _, _ in members:
-                answers[i] = self._error(str(e), client=False)
+                answers[i] = self._error(message, client=False)
             return
         start = 0
         for i, xi, _ in members:
