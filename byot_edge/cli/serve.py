@@ -47,11 +47,13 @@ def worker_app() -> Any:
 
 
 def run_uvicorn(app: Any, *, host: str, port: int, log_level: str,
-                shutdown_timeout_s: int, workers: int = 1) -> None:
+                shutdown_timeout_s: int, workers: int = 1,
+                max_connections: int | None = None) -> None:
     """Run the ASGI app until SIGINT/SIGTERM, which finish the requests in flight (up to
     `shutdown_timeout_s`) before returning. With workers > 1, `app` is an import string
     of a factory (uvicorn's convention): that many processes share the port, each with its
-    app; the parent passes SIGTERM on to them and waits for their draining."""
+    app; the parent passes SIGTERM on to them and waits for their draining.
+    `max_connections`: uvicorn's limit_concurrency, per process (503 past it)."""
     try:
         import uvicorn
         from uvicorn.supervisors import Multiprocess
@@ -59,7 +61,7 @@ def run_uvicorn(app: Any, *, host: str, port: int, log_level: str,
         raise missing_dependency("uvicorn", "serve", "to serve models") from None
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout_s, workers=workers,
-                            factory=workers > 1)
+                            factory=workers > 1, limit_concurrency=max_connections)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it stopped on once it is done; with these handlers in
     # place that is a no-op, so a graceful stop returns normally (exit code 0).
@@ -92,7 +94,8 @@ def _serve_workers(manifest: Path, load: dict[str, Any], config: Any, workers: i
     os.environ[WORKER_SPEC] = json.dumps({"manifest": str(manifest.resolve()), "load": load,
                                           "config": asdict(config)})
     run_uvicorn("byot_edge.cli.serve:worker_app", host=host, port=port, log_level=log_level,
-                shutdown_timeout_s=config.shutdown_timeout_s, workers=workers)
+                shutdown_timeout_s=config.shutdown_timeout_s, workers=workers,
+                max_connections=config.max_connections)
 
 
 def _is_loopback(host: str) -> bool:
@@ -121,6 +124,14 @@ def serve_command(
         help="Most prediction requests held at once; more get 503 with Retry-After.")] = 64,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body (413 above).")
     ] = 10.0,
+    max_bodies_mb: Annotated[float | None, typer.Option(
+        help="Most megabytes of request bodies held at once, server-wide, from the first "
+             "byte read until decoded; a request that would go past it gets 503 with "
+             "Retry-After before its body is read (default: 4 uploads at the limit, at least "
+             "64).", show_default=False)] = None,
+    max_connections: Annotated[int, typer.Option(
+        help="Most connections open at once (uvicorn's limit_concurrency; 503 past it).")
+    ] = 1024,
     body_timeout_s: Annotated[float, typer.Option(
         help="Seconds a request body may take to arrive (408 after); a client still sending "
              "holds no queue slot.")] = 30.0,
@@ -149,7 +160,8 @@ def serve_command(
     at_least(threads, 1, "--threads")
     at_least(workers, 1, "--workers")
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         max_upload_mb=max_upload_mb, body_timeout_s=body_timeout_s,
+                         max_upload_mb=max_upload_mb, max_bodies_mb=max_bodies_mb,
+                         max_connections=max_connections, body_timeout_s=body_timeout_s,
                          token=token, model_name=model_name)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
@@ -163,7 +175,8 @@ def serve_command(
                       highlight=False, soft_wrap=True)
         if workers == 1:
             run_uvicorn(create_app(model, config), host=host, port=port, log_level=log_level,
-                        shutdown_timeout_s=config.shutdown_timeout_s)
+                        shutdown_timeout_s=config.shutdown_timeout_s,
+                        max_connections=config.max_connections)
     if workers > 1:  # checked above, loaded by each worker
         _serve_workers(manifest, load, config, workers, host, port, log_level)
     console.print("server stopped")
