@@ -3,6 +3,7 @@ process's start-up: signal handlers, and draining the requests in flight on SIGT
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
@@ -76,7 +77,9 @@ def run_uvicorn(app: Any, *, host: str, port: int, log_level: str,
             except SystemExit:  # uvicorn exits when the port is taken
                 raise ByotError(f"could not listen on {host}:{port}; see the log above") \
                     from None
-            Multiprocess(config, sockets=[sock]).run()
+            # uvicorn < 0.51 wants the function each worker runs (its own server.run)
+            old = "target" in inspect.signature(Multiprocess).parameters
+            Multiprocess(config, sockets=[sock], **({"target": server.run} if old else {})).run()
             return
         server.run()
     finally:
