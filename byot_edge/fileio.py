@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -71,6 +72,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be written into `folder` (which `atomic_write` creates when it is
+    missing), or None where they can: asked before a long command's work, so its output
+    does not fail at the very end. Leaves nothing behind."""
+    chain = (Path(folder).absolute(), *Path(folder).absolute().parents)
+    missing = list(itertools.takewhile(lambda p: not p.exists(), chain))
+    existing = chain[len(missing)]  # "/" always exists
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not missing:
+        # os.access, not a probe file: nothing in the folder changes, not even its mtime
+        return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
+    # The first folder to create, created and removed: what mkdir will meet (as root,
+    # os.access says yes where the kernel then refuses, as under /proc).
+    try:
+        missing[-1].mkdir()
+        missing[-1].rmdir()
+    except OSError as e:
+        return f"cannot create {missing[-1]} ({e.strerror or e})"
+    return None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -8,9 +8,10 @@ checked against its sha256 before a backend loads it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from byot_edge.errors import ByotError
@@ -29,6 +30,10 @@ SEGMENT_TRT = "segment_trt"
 FILE_KINDS = (TRUNCATED_ONNX, SEGMENT_ONNX, TRUNCATED_TRT, SEGMENT_TRT)
 # What every exported file calls its logits output; a segment's other output is its section.
 LOGITS = "logits"
+# The files each backend runs, by its name (torch runs the fp32 weights): what a latency
+# profile of that backend timed, so the precision its figures hold for.
+BACKEND_FILES = {"onnxruntime": (TRUNCATED_ONNX, SEGMENT_ONNX),
+                 "tensorrt": (TRUNCATED_TRT, SEGMENT_TRT)}
 
 
 @dataclass
@@ -135,7 +140,7 @@ class Manifest:
         entry = self.exit(k).files.get(kind)
         if entry is None:
             raise ByotError(self._missing_file(k, kind))
-        path = self.root / entry.path
+        path = self.root / inside_folder(entry.path, self.root)
         if verify:
             verify_file(path, entry.sha256, k)
         return path
@@ -158,7 +163,7 @@ class Manifest:
             raise ByotError(f"the manifest in {self.root} has no weights file for the torch "
                             "backend; re-export with `byot-edge export CHECKPOINT --out "
                             f"{self.root}`, or use --backend onnxruntime")
-        path = self.root / self.weights.path
+        path = self.root / inside_folder(self.weights.path, self.root)
         if verify:
             verify_file(path, self.weights.sha256)
         return path
@@ -200,6 +205,19 @@ class Manifest:
         return atomic_write_json(path, d)
 
 
+def files_precision(manifest: Manifest, kinds: Iterable[str] | None) -> str:
+    """What the manifest's files of `kinds` compute in: "fp32", "fp16" or "int8" ("mixed"
+    when they differ; "fp32" without files: the weights)."""
+    found = {e.files[kind].precision for kind in (kinds or ()) for e in manifest.exits
+             if kind in e.files}
+    return found.pop() if len(found) == 1 else "mixed" if found else "fp32"
+
+
+def backend_precision(manifest: Manifest, backend: str) -> str:
+    """The precision of the files backend `backend` (by name) runs from this manifest."""
+    return files_precision(manifest, BACKEND_FILES.get(backend))
+
+
 def schema() -> dict[str, Any]:
     text = resources.files("byot_edge").joinpath("manifest.schema.json").read_text()
     return json.loads(text)
@@ -236,7 +254,28 @@ def load_manifest(path: str | Path) -> Manifest:
     validate_manifest_dict(d, path)
     manifest = Manifest.from_dict(d, root=path.parent)
     check_consistency(manifest, path)
+    check_paths(manifest)
     return manifest
+
+
+def inside_folder(rel: str, root: Path) -> str:
+    """`rel` where it names a file inside the manifest's folder, else a ByotError: an
+    absolute path or a '..' would have every backend (and triton-repo, which copies the
+    files) read or write outside the folder the manifest describes."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise ByotError(f"{root / MANIFEST_NAME} lists the file {rel!r} outside its folder: "
+                        "a manifest's paths are relative to its folder and stay inside it "
+                        "(no absolute path, no '..', '/' between folders); re-export it with "
+                        "`byot-edge export`")
+    return rel
+
+
+def check_paths(manifest: Manifest) -> None:
+    """Every file the manifest lists lies inside its folder (see `inside_folder`)."""
+    entries = [f for e in manifest.exits for f in e.files.values()]
+    for entry in entries + ([manifest.weights] if manifest.weights else []):
+        inside_folder(entry.path, manifest.root)
 
 
 # Scores lie in 0..1; a threshold above 1 (written as 2) switches an exit off.

@@ -65,6 +65,9 @@ class LatencyProfile:
     cascade: Stats | None = None
     # for every plan, the time from the first step's start to the end of each of its steps
     plans: Mapping[Plan, tuple[Stats, ...]] = field(default_factory=dict)
+    # What the timed files computed in ("fp32", "fp16", "int8"): another precision's files
+    # run at other speeds. None in profiles written before it was recorded.
+    precision: str | None = None
 
     def exit(self, k: int) -> ExitTiming:
         found = [e for e in self.exits if e.exit == k]
@@ -81,8 +84,9 @@ class LatencyProfile:
                                     for p, at in self.plans.items()}
         if entries and self.cascade is not None:
             entries[-1]["cascade"] = self.cascade.to_dict()
+        precision = {} if self.precision is None else {"precision": self.precision}
         return {"backend": self.backend, "device": self.device, "batch": self.batch,
-                "exits": entries, "created": self.created}
+                **precision, "exits": entries, "created": self.created}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LatencyProfile:
@@ -96,8 +100,10 @@ class LatencyProfile:
         except (KeyError, TypeError, ValueError) as e:
             raise ByotError(f"a latency profile of {d.get('backend')} at batch "
                             f"{d.get('batch')} is malformed ({e!r}); {FIX}") from None
+        precision = d.get("precision")
         return cls(str(d["backend"]), str(d["device"]), int(d["batch"]), exits,
-                   str(d.get("created", "")), cascade, plans)
+                   str(d.get("created", "")), cascade, plans,
+                   None if precision is None else str(precision))
 
     def check(self, num_exits: int) -> None:
         """What the schema cannot say: one entry per exit of the model, plans ending at K."""

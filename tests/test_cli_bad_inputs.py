@@ -79,6 +79,15 @@ def workspace(tmp_path_factory) -> Path:
         d["thresholds"] = {"criterion": "max_softmax", "values": [0.5, 0.5, 0.5]}
         change(d)
         (folder / "manifest.json").write_text(json.dumps(d))
+    # Manifests whose file paths leave their folder (each file's sha256 still matches).
+    for name, path in {"dotdot": "../deploy/{}",
+                       "abs_path": str(ws / "deploy") + "/{}"}.items():
+        folder = ws / name
+        shutil.copytree(ws / "deploy", folder)
+        d = json.loads((folder / "manifest.json").read_text())
+        for f in [d["weights"], *(f for e in d["exits"] for f in e["files"].values())]:
+            f["path"] = path.format(f["path"])
+        (folder / "manifest.json").write_text(json.dumps(d))
     shutil.copytree(ws / "deploy", ws / "corrupt")
     seg = ws / "corrupt" / "segment2.onnx"
     seg.write_bytes(seg.read_bytes()[:-10] + b"0123456789")
@@ -252,6 +261,25 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("eval", "run/best.pt", "--json", "a_file/eval.json"), ("--json", "a_file")),
     (("bench", M, "--out", "a_file/bench"), ("--out", "a_file")),
     (("train", "--dataset", "synthetic", "--out", "a_file/run"), ("--out", "a_file")),
+    # outputs under a folder that cannot be made: refused before the work, not after it
+    (("eval", "run/best.pt", "--json", "/proc/nope/x.json"), ("--json", "/proc/nope")),
+    (("eval", "run/best.pt", "--save-logits", "/proc/nope/x.npz"),
+     ("--save-logits", "/proc/nope")),
+    (("calibrate", M, "--logits", "val.npz", "--plot", "/proc/nope/c.png"),
+     ("--plot", "/proc/nope")),
+    (("export", "run/best.pt", "--out", "/proc/nope/deploy"), ("--out", "/proc/nope")),
+    (("bench", M, "--out", "/proc/nope/bench"), ("--out", "/proc/nope")),
+    (("train", "--dataset", "synthetic", "--out", "/proc/nope/run"), ("--out", "/proc/nope")),
+    (("triton-repo", M, "--out", "/proc/nope/repo"), ("--out", "/proc/nope")),
+    # a TensorRT profile out of order, whatever the format
+    (("export", "run/best.pt", "--batch-range", "8,1,32", "--out", "new_deploy"),
+     ("--batch-range", "min <= opt <= max", "8,1,32")),
+    # file paths outside the manifest's folder
+    (("predict", "dotdot/manifest.json", IMG), ("outside its folder", "../deploy/")),
+    (("predict", "abs_path/manifest.json", IMG), ("outside its folder", "no absolute path")),
+    (("predict", "dotdot/manifest.json", IMG, "--backend", "torch"), ("outside its folder",)),
+    (("triton-repo", "dotdot/manifest.json", "--mode", "inprocess", "--out", "new_repo"),
+     ("outside its folder",)),
 ]
 
 

@@ -213,3 +213,28 @@ def test_static_batch_int8_calibrates_and_checks_in_whole_batches(ckpt, tmp_path
     with pytest.raises(ByotError, match="whole batches"):
         export_checkpoint(ckpt, tmp_path / "e", exits=[2], batch=4, precision="int8",
                           calibration_images=3, data_dir=tmp_path, dataset="synthetic", **TS)
+
+
+def test_reexport_at_another_precision_drops_the_old_latency_profiles(ckpt, tmp_path):
+    from byot_edge.manifest import LatencyProfile
+
+    out = tmp_path / "d"
+    export_checkpoint(ckpt, out, exits=[2], **TS)
+    m = load_manifest(out)
+    ms = {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0, "runs": 5}
+    # As profiles were written before they recorded a precision: they timed these fp32 files.
+    m.latency_profiles = [LatencyProfile.from_dict({
+        "backend": backend, "device": "cpu", "batch": 1,
+        "exits": [{"exit": k, "truncated": ms} for k in range(1, K + 1)]})
+        for backend in ("onnxruntime", "torch")]
+    m.save()
+    notes: list[str] = []
+    manifest, _ = export_checkpoint(ckpt, out, exits=[2], precision="int8",
+                                    calibration_images=8, data_dir=tmp_path,
+                                    dataset="synthetic", int8_agreement=0.0,
+                                    progress=notes.append, **TS)
+    # onnxruntime now runs int8 files: its fp32 timings are gone, and the caller is told;
+    # torch still runs the fp32 weights, so its profile stays, saying so from now on.
+    assert [(p.backend, p.precision) for p in manifest.latency_profiles] == [("torch", "fp32")]
+    assert load_manifest(out).latency_profiles == manifest.latency_profiles
+    assert any("onnxruntime at batch 1 timed fp32 files, now int8" in n for n in notes)

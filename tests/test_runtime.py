@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +165,23 @@ def test_cascade_equals_offline_simulation(deployed: Deployed, fresh: Path, back
         assert (result.exits == sim.exits).all()
         assert (result.indices == sim.predictions).all()
         assert [n for _, n in result.calls] == [n for _, n in sim.steps]
+
+
+def test_a_static_batch_export_serves_any_batch(deployed: Deployed, tmp_path: Path) -> None:
+    # `export --batch 8 --segments`: files that take exactly 8 samples, under a cascade that
+    # hands each step only the samples still undecided, and a warm-up at batch 1.
+    ckpt = trained_like_checkpoint(tmp_path / "model.pt")  # the same network as `deployed`
+    export_checkpoint(ckpt, tmp_path / "static", segments=True, batch=8, exporter="torchscript")
+    model = load(tmp_path / "static")
+    model.warmup(1)
+    ths = median_thresholds(deployed.logits)
+    for n in (1, 3, 8, 13):
+        x = deployed.x[:n]
+        result = model.run(x, PredictOptions(threshold=ths))
+        sim = simulate(deployed.logits[:, :n], ConfidenceThresholds.for_model(ths, 4))
+        assert (result.exits == sim.exits).all() and (result.indices == sim.predictions).all()
+        assert [p.index for p in model.predict(x, exit=2)] == \
+            deployed.logits[1, :n].argmax(1).tolist()
 
 
 def test_cascade_stops_early_and_compacts_the_batch(deployed: Deployed) -> None:
@@ -409,6 +428,24 @@ def test_budget_picks_the_deepest_exit_the_profile_fits(fresh: Path) -> None:
         assert {p.exit for p in model.predict(x, budget_ms=25, stat="p90")} == {2}
 
 
+def test_a_profile_of_other_precision_files_is_not_taken_for_these(fresh: Path) -> None:
+    m = load_manifest(fresh)
+    model = load(fresh, "onnxruntime")
+    int8 = _profile("onnxruntime", model.backend.device, [10, 20, 30, 40], [10] * 4)
+    m.latency_profiles = [dataclasses.replace(int8, precision="int8")]
+    m.save()
+    model = load(fresh, "onnxruntime")  # these files are fp32
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.warns(RuntimeWarning, match=r"\(int8 files\), not onnxruntime on .*\(fp32 files\)"):
+        model.predict(x, budget_ms=25, stat="p90")
+    # A profile from before profiles recorded their precision is taken as this one's.
+    m.latency_profiles = [int8]
+    m.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {p.exit for p in load(fresh).predict(x, budget_ms=25, stat="p90")} == {2}
+
+
 def test_deadline_stops_before_overrunning_the_budget(fresh: Path, deployed: Deployed) -> None:
     m = load_manifest(fresh)
     model = load(fresh, "onnxruntime")
@@ -619,6 +656,7 @@ def test_profile_command_stores_every_exit_segment_and_span(deployed: Deployed,
     assert profiles[0].plans[Plan((2, 4))][1].runs == 3
     for p in stored:
         assert p["backend"] == "onnxruntime" and p["device"].startswith("cpu")
+        assert p["precision"] == "fp32"  # what the timed files compute in
         assert [e["exit"] for e in p["exits"]] == [1, 2, 3, 4]
         for e in p["exits"]:
             assert list(e)[:3] == ["exit", "truncated", "segment"]

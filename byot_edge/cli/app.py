@@ -60,7 +60,7 @@ def output_file(path: Path | None, option: str) -> Path | None:
         raise ByotError(f"{option} {path} is a folder; pass the name of a file to write "
                         "(in it or elsewhere)")
     if path is not None:
-        _no_file_above(path.parent, option, path)
+        _writable(path.parent, option, path)
     return path
 
 
@@ -68,17 +68,17 @@ def output_folder(path: Path, option: str) -> Path:
     """A folder a command will write into: refused up front where a file is in the way."""
     if path.exists() and not path.is_dir():
         raise ByotError(f"{option} {path} is a file; pass a folder to write into")
-    _no_file_above(path.parent, option, path)
+    _writable(path, option, path)
     return path
 
 
-def _no_file_above(folder: Path, option: str, path: Path) -> None:
-    for above in (folder, *folder.parents):
-        if above.exists():
-            if not above.is_dir():
-                raise ByotError(f"{option} {path}: {above} is a file, not a folder; pass a "
-                                "path whose folders are folders")
-            return
+def _writable(folder: Path, option: str, path: Path) -> None:
+    """`folder` can be written (made where missing), else a ByotError naming `option`."""
+    from byot_edge.fileio import unwritable
+
+    problem = unwritable(folder)
+    if problem:
+        raise ByotError(f"{option} {path}: {problem}; pass a path in a folder you can write")
 
 
 def torch_device(name: str, option: str = "--device") -> str:

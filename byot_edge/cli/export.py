@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from byot_edge.cli.app import app, console, csv_values, output_folder
+from byot_edge.cli.app import app, console, csv_values, output_file, output_folder
 
 _EXAMPLE = (
     "Example: byot-edge export runs/cifar/best.pt --exit all --segments --out deploy/  "
@@ -72,17 +72,19 @@ def export(
     from byot_edge.export.trt_build import TrtOptions
 
     output_folder(out, "--out")
+    output_file(timing_cache, "--timing-cache")
     formats = ("onnx", "trt") if fmt == "all" else (fmt,)
     trt = TrtOptions(precision=precision, batch_range=_parse_range(batch_range),
                      workspace_mb=workspace_mb, timing_cache=timing_cache,
                      compute_capability=compute_capability)
+    dropped: list[str] = []  # what the folder held that no longer applies: said at the end
     with console.status("exporting") as status:
         manifest, reports = export_checkpoint(
             checkpoint, out, exits=_parse_exits(exit_), segments=segments, formats=formats,
             batch=batch, data_dir=data_dir, dataset=dataset, rtol=rtol, opset=opset,
             trt_options=trt, progress=lambda msg: status.update(msg), exporter=exporter,  # type: ignore[arg-type]
             precision=precision, calibration_images=calibration_images,
-            int8_agreement=int8_agreement,
+            int8_agreement=int8_agreement, notes=dropped.append,
         )
     table = Table(title=f"checks: {out}")
     table.add_column("file", no_wrap=True)
@@ -105,7 +107,7 @@ def export(
         console.print(f"int8 files: passed when top-1 agreement with PyTorch >= "
                       f"{int8[0].min_agreement:.0%} on {int8[0].samples} held-out images; their "
                       "logits error is reported, not judged", highlight=False)
-    for note in dict.fromkeys(r.note for r in reports if r.note):  # once each, in order
+    for note in dict.fromkeys([*(r.note for r in reports if r.note), *dropped]):  # once each
         console.print(f"note: {note}", highlight=False)
     console.print(f"wrote {out / 'manifest.json'}: {manifest.model['arch']}, "
                   f"{manifest.num_exits} exits", highlight=False)

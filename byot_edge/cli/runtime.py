@@ -12,7 +12,15 @@ import typer
 from rich import box
 from rich.table import Table
 
-from byot_edge.cli.app import app, at_least, console, csv_values, err_console, output_file
+from byot_edge.cli.app import (
+    app,
+    at_least,
+    console,
+    csv_values,
+    err_console,
+    output_file,
+    output_folder,
+)
 from byot_edge.errors import ByotError
 
 if TYPE_CHECKING:
@@ -213,6 +221,8 @@ def calibrate_command(
     at_least(threads, 1, "--threads")
     output_file(plot, "--plot")
     output_file(save_logits, "--save-logits")
+    if not dry_run:
+        _manifest_writable(manifest)
     _check_logits_source(logits, data_dir, precision, device, threads, save_logits)
     common = {"criterion": criterion, "temperature": temperature, "max_drop": max_drop,
               "flops_budget": _flops(flops_budget), "latency_budget_ms": latency_budget_ms,
@@ -241,6 +251,14 @@ def calibrate_command(
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _manifest_writable(manifest: Path) -> None:
+    """calibrate and profile rewrite the manifest after their work: a folder they cannot
+    write is refused before it (a folder that does not exist is load_manifest's to name)."""
+    folder = manifest if manifest.is_dir() else manifest.parent
+    if folder.is_dir():
+        output_folder(folder, f"{manifest}'s folder")
 
 
 def _check_logits_source(logits: Path | None, data_dir: Path | None, precision: str | None,
@@ -295,6 +313,7 @@ def profile_command(
     if not max_seconds > 0:
         raise ByotError(f"--max-seconds must be > 0, got {max_seconds}")
     m = load_manifest(manifest)
+    _manifest_writable(manifest)
     options = {"threads": threads} if threads else {}
     with get_backend(backend, m, device=device, **options) as be, console.status("profiling") as status:
         profiles = profile_backend(be, batches, warmup=warmup, runs=runs,

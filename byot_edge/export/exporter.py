@@ -87,6 +87,7 @@ def export_checkpoint(
     precision: str | None = None,
     calibration_images: int | None = None,
     int8_agreement: float | None = None,
+    notes: Callable[[str], None] | None = None,
 ) -> tuple[Manifest, list[CheckReport]]:
     """Export exits (default: all) of `checkpoint` into `out_dir`; see the module docstring.
 
@@ -95,11 +96,16 @@ def export_checkpoint(
     "batch" axis). `precision` (default: `trt_options`'): int8 with "onnx" writes int8 ONNX
     files (quantize.py), calibrated on `calibration_images` training images; with "trt" only,
     fp32 ONNX files and int8 engines. Raises ByotError, writing nothing, if any check fails.
+    `notes`: told what the folder held and this export dropped from its manifest (thresholds,
+    profiles, engines); default `progress`.
     """
     say = progress or (lambda _: None)
     precision = precision or (trt_options.precision if trt_options else "fp32")
     formats = _check_args(formats, batch, rtol, opset, exporter)
     _check_precision(precision, formats, calibration_images, int8_agreement)
+    from byot_edge.export.trt_build import check_batch_range
+
+    check_batch_range(trt_options.batch_range if trt_options else None)
     if trt_options is not None:  # one precision for the whole export (caller's copy kept)
         trt_options = dataclasses.replace(trt_options, precision=precision)
     out = Path(out_dir)
@@ -143,7 +149,7 @@ def export_checkpoint(
                          input=spec, exits=exit_entries(state, model),
                          dataset=str((state.get("data") or {}).get("dataset", "")),
                          validation=validation_split(state), root=out)
-        manifest = merge(existing, fresh, Written(files, weights), say)
+        manifest = merge(existing, fresh, Written(files, weights), notes or say)
         _one_onnx_precision(manifest, out)
         # Validate before anything is renamed: a manifest that cannot be saved aborts cleanly.
         from byot_edge.manifest import validate_manifest_dict

@@ -4,11 +4,13 @@ Re-exporting into a folder keeps what other tools wrote there (calibrated thresh
 profiles) and the files of exits not re-exported now, as long as they come from the same
 network. "Same" means the same weights file hash (weights.pt is written deterministically
 from the state dict and config): files or thresholds made from other weights would silently
-disagree with the new ones, so they are dropped and the caller is told.
+disagree with the new ones, so they are dropped and the caller is told. Latency profiles are
+kept while the architecture and the precision of the files they timed stay the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +24,11 @@ from byot_edge.manifest import (
     ExitEntry,
     FileEntry,
     InputSpec,
+    LatencyProfile,
     Manifest,
     TensorSpec,
     ValidationSplit,
+    backend_precision,
 )
 from byot_edge.models import MultiExitNet
 
@@ -139,7 +143,29 @@ def merge(existing: Manifest | None, fresh: Manifest, written: Written,
         entry = manifest.exits[k - 1]
         entry.files.update(files)
         _drop_stale_engines(entry, note)
+    if existing is not None:
+        manifest.latency_profiles = _same_precision(existing, manifest, note)
     return manifest
+
+
+def _same_precision(existing: Manifest, manifest: Manifest,
+                    note: Callable[[str], None]) -> list[LatencyProfile]:
+    """The profiles that timed files of the precision `manifest` now lists for their
+    backend: an fp32 profile kept for int8 files would price them as fp32. A profile that
+    records no precision timed the files `existing` listed."""
+    kept: list[LatencyProfile] = []
+    dropped: list[str] = []
+    for p in manifest.latency_profiles:
+        timed = p.precision or backend_precision(existing, p.backend)
+        now = backend_precision(manifest, p.backend)
+        if timed == now:
+            kept.append(dataclasses.replace(p, precision=timed))  # recorded from now on
+        else:
+            dropped.append(f"{p.backend} at batch {p.batch} timed {timed} files, now {now}")
+    if dropped:
+        note(f"dropped latency profiles of another precision ({'; '.join(dropped)}): run "
+             "`byot-edge profile` again")
+    return kept
 
 
 # Each engine stands for one ONNX file (its record names the source's sha256).

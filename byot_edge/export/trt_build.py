@@ -40,6 +40,17 @@ TIMING_CACHE_NAME = "timing.cache"
 STRONG_TYPING_FROM = (10, 12)
 
 
+def check_batch_range(batch_range: tuple[int, int, int] | None) -> None:
+    """The profile's batches in order. Checked whatever --format asks for: with ONNX files
+    only, a range nothing used was accepted as it came (min > opt included)."""
+    if batch_range is None:
+        return
+    lo, opt, hi = batch_range
+    if not 1 <= lo <= opt <= hi:
+        raise ByotError(f"--batch-range must be min,opt,max with 1 <= min <= opt <= max "
+                        f"(e.g. 1,8,32); got {lo},{opt},{hi}")
+
+
 @dataclass
 class TrtOptions:
     precision: str = "fp32"  # fp32 | fp16 | int8
@@ -87,9 +98,7 @@ class EngineBuilder:
     def check_batch(self, batch: int | None) -> None:
         """A static --batch fixes the profile; a --batch-range must agree with it."""
         lo, opt, hi = self.options.batch_range or ((batch,) * 3 if batch else DEFAULT_BATCH_RANGE)
-        if not 1 <= lo <= opt <= hi:
-            raise ByotError(f"--batch-range must be min,opt,max with 1 <= min <= opt <= max; "
-                            f"got {lo},{opt},{hi}")
+        check_batch_range((lo, opt, hi))
         if batch is not None and (lo, opt, hi) != (batch, batch, batch):
             raise ByotError(f"--batch {batch} makes the ONNX batch static, so the engine profile "
                             f"is {batch},{batch},{batch}; drop --batch-range or --batch")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from byot_edge.errors import ByotError
-from byot_edge.manifest import Manifest
+from byot_edge.manifest import Manifest, backend_precision
 from byot_edge.plans import Plan
 from byot_edge.profiles import LatencyProfile
 from byot_edge.timing import STATS, Stats, check_stat
@@ -31,17 +31,24 @@ class ProfileChoice:
     warning: str | None  # set when the profile is from another backend or device
 
 
-def select_profile(manifest: Manifest, backend: str, device: str,
-                   batch: int = 1) -> ProfileChoice | None:
-    """The profile that best describes `backend` on `device` at `batch`.
+def select_profile(manifest: Manifest, backend: str, device: str, batch: int = 1,
+                   precision: str | None = None) -> ProfileChoice | None:
+    """The profile that best describes `backend` on `device` at `batch`, running files of
+    `precision` (default: those the manifest lists for `backend`).
 
-    Prefers this backend and device; falls back to another device, then another backend,
-    with a warning. Among batch sizes: the same, else the smallest larger one (an
-    overestimate, which is the safe side for a budget), else the largest, scaled linearly.
+    Prefers this backend, device and precision; falls back to another device, then another
+    backend or precision, with a warning. A profile that records no precision (written
+    before it was recorded) counts as this one. Among batch sizes: the same, else the
+    smallest larger one (an overestimate, which is the safe side for a budget), else the
+    largest, scaled linearly.
     """
+    precision = precision or backend_precision(manifest, backend)
+    # fp32 timings priced int8 files as if nothing had changed: another precision is
+    # another backend as far as latency goes.
+    same = [p for p in manifest.latency_profiles if p.precision in (None, precision)]
     tiers = [
-        [p for p in manifest.latency_profiles if p.backend == backend and p.device == device],
-        [p for p in manifest.latency_profiles if p.backend == backend],
+        [p for p in same if p.backend == backend and p.device == device],
+        [p for p in same if p.backend == backend],
         list(manifest.latency_profiles),
     ]
     for tier, found in enumerate(tiers):
@@ -49,19 +56,23 @@ def select_profile(manifest: Manifest, backend: str, device: str,
             continue
         larger = sorted((p for p in found if p.batch >= batch), key=lambda p: (p.batch, p.created))
         if larger:
-            same = [p for p in larger if p.batch == larger[0].batch]
-            best, scale = same[-1], 1.0  # newest of the closest batch
+            same_batch = [p for p in larger if p.batch == larger[0].batch]
+            best, scale = same_batch[-1], 1.0  # newest of the closest batch
         else:
             best = max(found, key=lambda p: (p.batch, p.created))
             scale = batch / best.batch
         warning = None
         if tier > 0:
-            warning = (f"the latency profile in the manifest was measured with {best.backend} "
-                       f"on {best.device}, not {backend} on {device}; budgets may be missed. "
-                       f"Run `byot-edge profile {manifest.root / 'manifest.json'} --backend "
-                       f"{backend}` on this machine")
+            warning = (f"the latency profile in the manifest was measured with "
+                       f"{_measured(best)}, not {backend} on {device} ({precision} files); "
+                       "budgets may be missed. Run `byot-edge profile "
+                       f"{manifest.root / 'manifest.json'} --backend {backend}` on this machine")
         return ProfileChoice(best, scale, warning)
     return None
+
+
+def _measured(p: LatencyProfile) -> str:
+    return f"{p.backend} on {p.device}" + (f" ({p.precision} files)" if p.precision else "")
 
 
 @dataclass(frozen=True)

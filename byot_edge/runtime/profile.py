@@ -134,7 +134,8 @@ def _profile(backend: Backend, batch: int, num_exits: int, timed: dict[str, Time
              for k in range(1, num_exits + 1)]
     every = f"plan/{Plan.every_exit(num_exits).key}"
     cascade = timed[every].stats if every in timed else None
-    return LatencyProfile(backend.name, backend.device, batch, exits, created, cascade, plans)
+    return LatencyProfile(backend.name, backend.device, batch, exits, created, cascade, plans,
+                          backend.files_precision())
 
 
 def store_profiles(manifest: Manifest, profiles: Sequence[LatencyProfile]) -> Path:

@@ -35,6 +35,7 @@ from byot_edge.manifest import (
     TRUNCATED_TRT,
     FileEntry,
     Manifest,
+    inside_folder,
     load_manifest,
 )
 from byot_edge.runtime.backends.base import SEGMENT, artifact_name, span_name
@@ -111,6 +112,8 @@ def plan_spans(manifest: Manifest, options: RepoOptions) -> list[tuple[int, int]
     th = manifest.thresholds
     if th is None or options.segments == "tensorrt":
         return []
+    if th.criterion == "gate":  # gates read every exit: segment by segment, no spans
+        return []
     plan = [k for k, v in enumerate(th.values, start=1) if v <= 1] + [manifest.num_exits]
     spans, prev = [], 0
     for k in plan:
@@ -132,7 +135,15 @@ class _Writer:
         self.root = root
         self.files: dict[str, str] = {}
 
+    def _inside(self, dest: Path) -> None:
+        """Nothing is written outside the repository, whatever a path read from elsewhere
+        (a manifest's file names) holds."""
+        if not dest.resolve().is_relative_to(self.root.resolve()):
+            raise ByotError(f"refusing to write {dest}: it lies outside the repository "
+                            f"{self.root}; check the manifest's file paths")
+
     def copy(self, src: Path, dest: Path, sha256: str) -> None:
+        self._inside(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, lambda f: _stream(src, f))
         if sha256_file(dest) != sha256:  # what was read is what the manifest hashed
@@ -140,11 +151,13 @@ class _Writer:
         self.files[dest.relative_to(self.root).as_posix()] = sha256
 
     def text(self, dest: Path, text: str) -> None:
+        self._inside(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, lambda f: f.write(text.encode()))
         self.files[dest.relative_to(self.root).as_posix()] = sha256_file(dest)
 
     def data(self, dest: Path, data: bytes) -> None:
+        self._inside(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dest, lambda f: f.write(data))
         self.files[dest.relative_to(self.root).as_posix()] = sha256_file(dest)
@@ -259,7 +272,8 @@ def write_repository(manifest_path: str | Path, out: str | Path,
         models = _write_segments(w, manifest, options)
     else:
         for _, entry in _deploy_files(manifest, options):
-            w.copy(manifest.root / entry.path, cascade / DEPLOY / entry.path, entry.sha256)
+            rel = inside_folder(entry.path, manifest.root)  # load_manifest refused others
+            w.copy(manifest.root / rel, cascade / DEPLOY / rel, entry.sha256)
     w.text(cascade / "model.py", model_source("cascade"))
     w.text(root / options.name / "README.md", ENVIRONMENT.format(version=__version__))
     w.text(root / options.name / "config.pbtxt", pbtxt.render(_cascade_config(manifest, options)))

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from byot_edge.errors import ByotError
-from byot_edge.manifest import FileEntry, Manifest
+from byot_edge.manifest import FileEntry, Manifest, files_precision
 
 EXIT = "exit"
 SEGMENT = "segment"
@@ -168,11 +168,8 @@ class Backend(ABC):
         """What the files this backend runs compute in: "fp32", "fp16" or "int8" ("mixed"
         when the manifest lists several). A backend without files (torch) runs the fp32
         weights."""
-        if self.file_kinds is None:
-            return "fp32"
-        found = {entry.files[kind].precision for kind in self.file_kinds.values()
-                 for entry in self.manifest.exits if kind in entry.files}
-        return found.pop() if len(found) == 1 else "mixed" if found else "fp32"
+        return files_precision(self.manifest,
+                               None if self.file_kinds is None else self.file_kinds.values())
 
     def verify_files(self) -> None:
         """Check every file this backend would read against the manifest's sha256 now, so a

@@ -133,7 +133,9 @@ class OnnxRuntimeBackend(Backend):
             raise ByotError(f"{path} has inputs {names_in} and outputs {sorted(names_out)} but "
                             f"the manifest says {[io.input]} and {sorted(wanted_out)}; re-export "
                             "it with `byot-edge export`")
-        self._sessions[artifact] = (session, [o.name for o in session.get_outputs()])
+        batch = session.get_inputs()[0].shape[0]
+        static = batch if isinstance(batch, int) and batch > 0 else None  # else a named axis
+        self._sessions[artifact] = (session, [o.name for o in session.get_outputs()], static)
         self._active = session.get_providers()
 
     def session(self, artifact: str) -> Any:
@@ -143,10 +145,27 @@ class OnnxRuntimeBackend(Backend):
         return self._sessions[artifact][0]
 
     def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session, names = self._sessions[artifact]
+        session, names, static = self._sessions[artifact]
         feed = inputs if type(inputs) is dict else dict(inputs)  # ORT takes a dict
+        if static is not None:
+            (name, x), = feed.items()
+            if len(x) != static:
+                return _in_static_batches(session, names, name, x, static)
         return dict(zip(names, session.run(names, feed), strict=True))
 
     def close(self) -> None:
         self._sessions.clear()
 
+
+
+def _in_static_batches(session: Any, names: list[str], name: str, x: np.ndarray,
+                       batch: int) -> dict[str, np.ndarray]:
+    """A file exported with a static --batch takes exactly that many samples, and a cascade
+    hands each step only the samples still undecided: run whole batches, the last padded
+    with zeros, and keep the rows asked for (as the TensorRT backend pads to its profile)."""
+    n = len(x)
+    padded = -(-n // batch) * batch
+    if padded != n:
+        x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
+    runs = [session.run(names, {name: x[i:i + batch]}) for i in range(0, padded, batch)]
+    return {out: np.concatenate([r[j] for r in runs])[:n] for j, out in enumerate(names)}
