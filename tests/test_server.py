@@ -190,6 +190,11 @@ NAN[0, 1, 2, 3] = np.nan
 INF = GOOD.copy()
 INF[0, 0, 0, 0] = np.inf
 
+# A header saying (-1, -2, -3, -1024): its product is the data's 6144 values, so it passed
+# the size check, then reshape raised (a 500).
+NEGATIVE_NPY = npy(np.zeros((2, 3, 32, 32), np.float32)).replace(
+    b"(2, 3, 32, 32), }     ", b"(-1, -2, -3, -1024), }", 1)
+
 # (id, request kwargs, status, a fragment of the message)
 BAD: list[tuple[str, dict[str, Any], int, str]] = [
     ("text file", {"files": {"file": ("notes.txt", b"hello, world\n" * 20)}}, 422,
@@ -237,8 +242,17 @@ BAD: list[tuple[str, dict[str, Any], int, str]] = [
     ("upload over the limit", {"files": {"file": ("big.png", b"\x89PNG" + b"0" * 2**20 * 2)}},
      413, "limit of 1 MiB"),
     ("chunked upload over the limit", {"content": [b"0" * 600_000] * 2,  # chunked: a list
-                                       "headers": {"Content-Type": "application/x-npy"}},
+                                       "headers": {"Content-Type": "image/png"}},
      413, "limit of 1 MiB"),
+    # A .npy body's length follows from its samples: past max-batch's, refused unread.
+    ("chunked npy longer than 32 samples", {"content": [b"0" * 300_000] * 2,
+                                            "headers": {"Content-Type": "application/x-npy"}},
+     413, "at most 32"),
+    ("npy with negative dimensions", {"content": NEGATIVE_NPY,
+                                      "headers": {"Content-Type": "application/x-npy"}},
+     400, "negative dimension"),
+    ("JSON with more values than 32 samples", {"json": {"tensor": np.zeros(
+        (33, 3, 32, 32), np.uint8).tolist()}}, 413, ".npy"),
     ("image over the pixel limit", {"files": {"file": ("huge.png",
                                                        png_bytes((5000, 4000), "L"))}},
      413, "pixels"),

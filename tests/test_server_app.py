@@ -348,7 +348,9 @@ def test_top_k_is_the_answering_exits_distribution(deployed: Deployed, x: np.nda
 
 
 @pytest.mark.parametrize("bad", [{"max_batch": 0}, {"max_queue": 0}, {"max_wait_ms": -1},
-                                 {"max_upload_mb": 0}, {"token": " "}])
+                                 {"max_upload_mb": 0}, {"token": " "},
+                                 {"max_connections": 0},
+                                 {"max_upload_mb": 20, "max_bodies_mb": 10}])
 def test_bad_settings_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ByotError):
         ServeConfig(**bad)
@@ -359,7 +361,8 @@ def test_cli_help_and_a_missing_manifest() -> None:
     r = runner.invoke(cli_app, ["serve", "--help"])
     assert r.exit_code == 0
     for option in ("--max-batch", "--max-wait-ms", "--max-queue", "--max-upload-mb",
-                   "--token", "BYOT_EDGE_TOKEN", "Examples"):
+                   "--max-bodies-mb", "--max-connections", "--token", "BYOT_EDGE_TOKEN",
+                   "Examples"):
         assert option in r.output, option
     r = runner.invoke(cli_app, ["serve", "/nonexistent/manifest.json", "--port", "1"])
     assert r.exit_code == 2 and "no manifest" in r.output
@@ -702,3 +705,27 @@ def test_bodies_past_the_server_wide_budget_get_503_before_being_read(
         wait_until(lambda: c.post("/v1/predict", content=big, headers={
             "Content-Type": "application/x-npy"}).status_code == 200, 30, "the budget freed")
         assert 'reason="uploads"' in c.get("/metrics").text
+
+
+def test_serve_bounds_uvicorn_s_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from byot_edge.cli.serve import run_uvicorn
+
+    configs: list[Any] = []
+
+    class Server:  # records the config instead of serving
+        def __init__(self, config: Any) -> None:
+            configs.append(config)
+            self.started = True
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    run_uvicorn(object(), host="127.0.0.1", port=1, log_level="warning",
+                shutdown_timeout_s=1, max_connections=ServeConfig().max_connections)
+    assert configs[0].limit_concurrency == 1024
+    r = CliRunner().invoke(cli_app, ["serve", "/nonexistent/manifest.json", "--max-upload-mb",
+                                     "20", "--max-bodies-mb", "10"])
+    assert r.exit_code == 2 and "--max-bodies-mb" in r.output

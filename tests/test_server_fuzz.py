@@ -146,6 +146,18 @@ json_values = st.recursive(
                                                                 max_size=3), max_leaves=12)
 
 
+@st.composite
+def crafted_npy(draw: st.DrawFn) -> bytes:
+    """A .npy file whose header claims any shape (negative dimensions too), with as many
+    bytes of data as the product of that shape says, in absolute value."""
+    shape = tuple(draw(st.lists(st.integers(-40, 40), min_size=1, max_size=4)))
+    header = {"descr": "<f4", "fortran_order": draw(st.booleans()), "shape": shape}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    values = abs(int(np.prod(shape))) if all(shape) else 0
+    return buf.getvalue() + b"\0" * (4 * min(values, 100_000))
+
+
 def json_tensor(a: np.ndarray) -> bytes:
     return json.dumps({"tensor": a.tolist()}).encode()  # NaN/Infinity as Python writes them
 
@@ -158,7 +170,7 @@ BODIES: dict[str, st.SearchStrategy[bytes]] = {
         corrupt(arrays.filter(lambda a: a.dtype.kind == "f").map(json_tensor)),
         st.binary(max_size=64)),
     "application/x-npy": st.one_of(arrays.map(npy_bytes), corrupt(arrays.map(npy_bytes)),
-                                   st.binary(max_size=64)),
+                                   crafted_npy(), st.binary(max_size=64)),
     "image/png": st.one_of(images(), corrupt(images()), st.binary(max_size=64)),
     "image/jpeg": st.one_of(images(), corrupt(images()), st.binary(max_size=64)),
 }
@@ -221,6 +233,43 @@ def test_every_documented_endpoint_with_junk_queries_never_5xx(
     r = c.request(method.upper(), path, params=params, content=data.draw(
         st.binary(max_size=32), "body"))
     assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
+
+
+V2_INPUT = {"name": "image", "datatype": "FP32", "shape": [1, *SHAPE],
+            "data": [0.0] * int(np.prod(SHAPE))}
+
+
+@st.composite
+def v2_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """An infer request with any JSON at one of the places the protocol gives a shape to:
+    the request's, the input's or an output's parameters, the outputs, the input itself,
+    its shape or data."""
+    junk = draw(json_values)
+    doc: dict[str, Any] = {"inputs": [dict(V2_INPUT)]}
+    where = draw(st.sampled_from(["parameters", "outputs", "inputs", "input", "input.parameters",
+                                  "input.shape", "input.data", "input.datatype",
+                                  "output.parameters", "id"]))
+    if where.startswith("input."):
+        doc["inputs"][0][where.split(".")[1]] = junk
+    elif where == "input":
+        doc["inputs"] = [junk]
+    elif where == "output.parameters":
+        doc["outputs"] = [{"name": "exit", "parameters": junk}]
+    else:
+        doc[where] = junk
+    return doc
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=v2_documents())
+def test_v2_infer_with_junk_in_every_field_never_5xx(api: tuple[httpx.Client, dict],
+                                                       doc: dict[str, Any]) -> None:
+    c, _ = api
+    r = c.post("/v2/models/byot/infer", json=doc)
+    assert r.status_code < 500, (doc, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
 
 
 def test_the_server_still_answers_after_the_fuzzing(api: tuple[httpx.Client, dict]) -> None:
