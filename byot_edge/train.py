@@ -29,7 +29,7 @@ from byot_edge.evaluate import accuracy_rows, predict_logits
 from byot_edge.fileio import atomic_write_bytes, remove_stale_temps
 from byot_edge.losses import LossConfig, multi_exit_loss
 from byot_edge.models import create_model
-from byot_edge.train_config import RUN_FILES, TrainConfig, resume_config, shown
+from byot_edge.train_config import RECIPES, RUN_FILES, TrainConfig, resume_config, shown
 
 
 @dataclass
@@ -229,10 +229,18 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
             sums += training_step(step_model, x, y, optimizer, scaler, loss_cfg, amp_dtype)
             scheduler.step()
             if step % cfg.log_every == 0 or step == len(batches):
-                mean = (sums / step).tolist()  # the only host sync, every log_every steps
+                means = sums / step
+                if dist.world > 1:
+                    # Every rank must stop together: a non-finite loss seen by one rank alone
+                    # (fp16's scaler skips the step for all) would stop it and leave the others
+                    # waiting in the next collective. The mean over ranks is NaN on all of them.
+                    torch.distributed.all_reduce(means)
+                    means /= dist.world
+                mean = means.tolist()  # the only host sync, every log_every steps
                 if not all(math.isfinite(v) for v in mean):
                     raise Diverged(_diverged(cfg, epoch + 1, step, mean[0], *last_good,
-                                             amp_dtype is not None))
+                                             amp_dtype is not None,
+                                             optimizer.param_groups[0]["lr"]))
                 if reporter and dist.main:
                     seen = step * cfg.batch_size
                     reporter.update(step, dict(zip(("loss", "ce", "kd", "feat"), mean,
@@ -242,6 +250,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
         if dist.world > 1:
             torch.distributed.barrier()
         if not dist.main:
+            # rank 0 writes it before the next epoch's first collective: any later divergence
+            # message names it on every rank
+            last_good = (out / "last.pt", epoch + 1)
             continue
         logits, labels = predict_logits(model, val_batches, device, amp_dtype)
         rows = accuracy_rows(logits, labels)
@@ -287,10 +298,20 @@ def _apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: Any, cf
         group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, weight_decay=cfg.weight_decay)
 
 
+def suggested_lr(cfg: TrainConfig) -> float:
+    """The learning rate to try after a divergence: a tenth of the run's --lr or of its
+    recipe's, whichever is lower. A tenth of the run's alone is not enough when --lr was
+    raised far past the recipe's (that lr/10 diverges again), and after a resume at a lower
+    lr that diverged too it goes lower still."""
+    return min(cfg.lr, RECIPES.get(cfg.recipe, {}).get("lr", cfg.lr)) / 10
+
+
 def _diverged(cfg: TrainConfig, epoch: int, step: int, loss: float, last: Path | None,
-              last_epoch: int, amp: bool) -> str:
-    lower = f"--lr {cfg.lr / 10:g}" + (" --amp off" if amp else "")
-    head = f"training diverged in epoch {epoch}, step {step} (loss {loss})"
+              last_epoch: int, amp: bool, lr_now: float) -> str:
+    lower = f"--lr {suggested_lr(cfg):g}" + (" --amp off" if amp else "")
+    head = (f"training diverged in epoch {epoch}, step {step} (loss {loss}, at a learning "
+            f"rate of {lr_now:.3g} on the schedule of --lr {cfg.lr:g}; the {cfg.recipe!r} "
+            f"recipe's is {RECIPES.get(cfg.recipe, {}).get('lr', cfg.lr):g})")
     if last is None:
         return (f"{head}; no checkpoint was written yet: train again with a lower learning "
                 f"rate ({lower})")

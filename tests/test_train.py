@@ -171,3 +171,78 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     assert r.stdout.count("checkpoints:") == 1  # only rank 0 reports and writes
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["train_config"]["batch_size"] == 64
+
+
+def test_divergence_advice_is_below_the_recipes_lr_when_lr_was_raised(tmp_path, monkeypatch):
+    # --lr 5 where the recipe says 0.1: a tenth of the run's (0.5) would diverge again; the
+    # advice is a tenth of the recipe's. A run already below the recipe's goes lower still.
+    import byot_edge.train as train_module
+
+    real_step = train_module.training_step
+
+    def nan_step(*args, **kwargs):
+        return real_step(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(train_module, "training_step", nan_step)
+    for lr, advice in ((5.0, "--lr 0.01"), (0.02, "--lr 0.002")):
+        with pytest.raises(Diverged) as e:
+            train(_synthetic_cfg(tmp_path / f"lr{lr}", lr=lr, epochs=1))
+        message = str(e.value)
+        assert message.endswith(f"({advice})"), message
+        assert f"of --lr {lr:g}" in message and "the 'quick' recipe's is 0.1" in message
+
+
+_DDP_RANK = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+import byot_edge.train as train_module
+from byot_edge.train_config import config_from_recipe
+
+real_step = train_module.training_step
+
+def step(*args, **kwargs):
+    # Rank 1 alone sees a non-finite loss; the gradients stay finite (as when fp16's scaler
+    # skips a step), so rank 0 alone would carry on into the next step's all-reduce.
+    parts = real_step(*args, **kwargs)
+    return parts * float("nan") if os.environ["RANK"] == "1" else parts
+
+train_module.training_step = step
+cfg = config_from_recipe("quick", arch="resnet18", dataset="synthetic", out=sys.argv[1],
+                         width=0.125, epochs=1, batch_size=64, max_train_samples=256,
+                         log_every=2, val_split=0.1)
+try:
+    train_module.train(cfg)
+except train_module.Diverged as e:
+    print("DIVERGED", e, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from byot_edge.loadgen import free_port
+
+    script = tmp_path / "rank.py"
+    script.write_text(_DDP_RANK)
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=300)  # a guard against the hang, not a timing
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a rank was still waiting 300 s after the other one had stopped")
+        results.append((p.returncode, out, err))
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 3, (rank, out, err[-2000:])
+        assert "DIVERGED training diverged in epoch 1, step 2" in out, (rank, out)
