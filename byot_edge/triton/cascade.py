@@ -19,12 +19,14 @@ from byot_edge.manifest import load_manifest
 from byot_edge.runtime.anytime import AnytimeModel
 from byot_edge.runtime.preprocess import check_batch
 from byot_edge.triton.bls import TritonBLSBackend, TritonModelError
+from byot_edge.triton.config import instance_device
 from byot_edge.triton.protocol import INPUT, Request, answer_tensors, parse_parameters
 from byot_edge.triton.repository import read_record, verify_repository
 
 
-def load_cascade(model_dir: str, pb_utils: Any) -> AnytimeModel:
-    """The AnytimeModel the repository describes, after checking every file's sha256."""
+def load_cascade(model_dir: str, pb_utils: Any, device: str | None = None) -> AnytimeModel:
+    """The AnytimeModel the repository describes, after checking every file's sha256; in
+    process, on `device` (the GPU Triton placed the instance on)."""
     root, record = read_record(model_dir)
     verify_repository(root, record)
     manifest_path = root / record["manifest"]
@@ -35,7 +37,8 @@ def load_cascade(model_dir: str, pb_utils: Any) -> AnytimeModel:
                                                        record["backend"]))
     onnx = record["backend"] == "onnxruntime"
     options = {"threads": record["threads"]} if onnx and record.get("threads") else {}
-    model = AnytimeModel.load(manifest_path, backend=record["backend"], **options)
+    model = AnytimeModel.load(manifest_path, backend=record["backend"], device=device,
+                              **options)
     model.warmup(1)
     return model
 
@@ -59,7 +62,8 @@ class CascadeModel:
 
     @classmethod
     def from_args(cls, args: dict[str, str], pb_utils: Any) -> CascadeModel:
-        return cls(load_cascade(args["model_repository"], pb_utils), pb_utils)
+        return cls(load_cascade(args["model_repository"], pb_utils, instance_device(args)),
+                   pb_utils)
 
     def parse(self, request: Any) -> tuple[np.ndarray, Request]:
         """One request's batch and parameters; a ByotError says what the client got wrong."""

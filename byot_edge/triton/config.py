@@ -96,3 +96,12 @@ def render(config: ModelConfig) -> str:
         text += (f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: "
                  f"{_quote(value)} }}\n}}\n")
     return text
+
+
+def instance_device(args: Mapping[str, str]) -> str | None:
+    """The device Triton placed this model instance on, from the Python backend's
+    `initialize` args: "cuda:N" for a KIND_GPU instance (N = model_instance_device_id, which
+    the instance must honour: Triton gives each GPU its own instances), None on the CPU."""
+    if str(args.get("model_instance_kind", "")).upper() != "GPU":
+        return None
+    return f"cuda:{int(args.get('model_instance_device_id') or 0)}"

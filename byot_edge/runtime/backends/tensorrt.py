@@ -5,6 +5,11 @@ gets its device buffers (sized for the engine's largest batch) and pinned host b
 at load; every run reuses them on the backend's one CUDA stream. A batch larger than the
 engine's profile allows is run in chunks.
 
+On `cuda:N`, the device is made current (runtime API) or its context pushed (driver API)
+around every load, run and close, on whichever thread does it: a server builds the backend
+on one thread and loads engines lazily on its inference thread, whose current device is
+0 until set. Tested with fake CUDA modules; not measured on a GPU with N >= 1.
+
 An engine only runs on the TensorRT version and GPU it was built for, so the manifest's
 engine record (tensorrt_version, gpu_name, compute_capability) is compared with this
 machine before the file is even read, and a mismatch is refused with what to rebuild.
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -108,15 +114,31 @@ def _engine_module(manifest: Manifest) -> str:
 
 
 class _CudaPython:
-    """Memory and stream through cuda-python's runtime bindings."""
+    """Memory and stream through cuda-python's runtime bindings.
+
+    The CUDA runtime's current device belongs to the calling host thread, and a thread
+    starts on device 0: a server builds the backend on one thread and runs it on another,
+    so every piece of work sets device N on the thread doing it (`current`)."""
 
     def __init__(self, cudart: Any, device_index: int) -> None:
         self.rt = cudart
-        self._call(cudart.cudaSetDevice(device_index))
         self.device_index = device_index
-        self.stream = self._call(cudart.cudaStreamCreate())
         self._device: list[int] = []
         self._host: list[int] = []
+        with self.current():
+            self.stream = self._call(cudart.cudaStreamCreate())
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Device N current on this thread for the block, the thread's own device after."""
+        before = int(self._call(self.rt.cudaGetDevice()))
+        if before != self.device_index:
+            self._call(self.rt.cudaSetDevice(self.device_index))
+        try:
+            yield
+        finally:
+            if before != self.device_index:
+                self.rt.cudaSetDevice(before)
 
     def _call(self, result: Any) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -160,26 +182,37 @@ class _CudaPython:
         return int(self.stream)
 
     def close(self) -> None:
-        for ptr in self._device:
-            self.rt.cudaFree(ptr)
-        for ptr in self._host:
-            self.rt.cudaFreeHost(ptr)
-        self._device.clear()
-        self._host.clear()
-        self.rt.cudaStreamDestroy(self.stream)
+        with self.current():
+            for ptr in self._device:
+                self.rt.cudaFree(ptr)
+            for ptr in self._host:
+                self.rt.cudaFreeHost(ptr)
+            self._device.clear()
+            self._host.clear()
+            self.rt.cudaStreamDestroy(self.stream)
 
 
 class _PyCuda:
-    """The same through pycuda, for machines that have it rather than cuda-python."""
+    """The same through pycuda, for machines that have it rather than cuda-python. The
+    driver API's context stack is per thread too: the device's primary context is pushed
+    for each piece of work on whichever thread does it, and popped after."""
 
     def __init__(self, driver: Any, device_index: int) -> None:
         driver.init()
         self.drv = driver
         self.dev = driver.Device(device_index)
         self.ctx = self.dev.retain_primary_context()
-        self.ctx.push()
-        self.stream = driver.Stream()
         self._keep: list[Any] = []
+        with self.current():
+            self.stream = driver.Stream()
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        self.ctx.push()
+        try:
+            yield
+        finally:
+            self.drv.Context.pop()
 
     def props(self) -> tuple[str, str]:
         major, minor = self.dev.compute_capability()
@@ -207,8 +240,9 @@ class _PyCuda:
         return int(self.stream.handle)
 
     def close(self) -> None:
-        self._keep.clear()
-        self.ctx.pop()
+        with self.current():
+            self._keep.clear()
+            self.stream = None
 
 
 def _open_cuda(device_index: int) -> Any:
@@ -278,12 +312,16 @@ class TensorRTBackend(Backend):
             check_engine(entry.engine, self.env, f"{artifact} ({entry.path})", self.manifest.root)
         entry, path = self.file_entry(artifact)
         io = io_from_entry(entry, str(path))
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise ByotError(f"TensorRT could not deserialise {path}; rebuild it on this machine "
-                            f"with `byot-edge export CHECKPOINT --out {self.manifest.root} "
-                            "--format trt`")
-        self._engines[artifact] = self._allocate(engine, io, str(path))
+        data = path.read_bytes()
+        # Loaded lazily, on whatever thread first runs the artifact (a server's inference
+        # thread): the engine and its buffers must land on this backend's device.
+        with self._cuda.current():
+            engine = self._runtime.deserialize_cuda_engine(data)
+            if engine is None:
+                raise ByotError(f"TensorRT could not deserialise {path}; rebuild it on this "
+                                f"machine with `byot-edge export CHECKPOINT --out "
+                                f"{self.manifest.root} --format trt`")
+            self._engines[artifact] = self._allocate(engine, io, str(path))
         return io
 
     def _allocate(self, engine: Any, io: ArtifactIO, where: str) -> _Engine:
@@ -309,34 +347,35 @@ class TensorRTBackend(Backend):
     def _run(self, artifact: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         eng = self._engines[artifact]
         (x,) = inputs.values()
-        chunks = [self._run_chunk(eng, x[i:i + eng.max_batch])
-                  for i in range(0, len(x), eng.max_batch)]
+        with self._lock, self._cuda.current():
+            chunks = [self._run_chunk(eng, x[i:i + eng.max_batch])
+                      for i in range(0, len(x), eng.max_batch)]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def _run_chunk(self, eng: _Engine, x: np.ndarray) -> dict[str, np.ndarray]:
         n = len(x)
         if n < eng.min_batch:  # pad up to the profile's smallest batch
             x = np.concatenate([x, np.zeros((eng.min_batch - n, *x.shape[1:]), x.dtype)])
-        with self._lock:
-            inp = next(t for t in eng.tensors if t.is_input)
-            host = inp.host[:len(x)]
-            host[...] = x.astype(inp.dtype, copy=False)
-            eng.context.set_input_shape(inp.name, x.shape)
-            self._cuda.htod(inp.device, host)
-            if not eng.context.execute_async_v3(self._cuda.stream_handle):
-                raise ByotError("TensorRT failed to run the engine; rebuild it with "
-                                "`byot-edge export --format trt` or use --backend onnxruntime")
-            outs = {}
-            for t in eng.tensors:
-                if not t.is_input:
-                    shape = tuple(eng.context.get_tensor_shape(t.name))
-                    dst = t.host.reshape(-1)[:int(np.prod(shape))].reshape(shape)
-                    self._cuda.dtoh(dst, t.device)
-                    outs[t.name] = dst
-            self._cuda.sync()
-            # Copy out of the pinned buffers: the next run overwrites them.
-            return {name: a[:n].astype(np.float32, copy=True) for name, a in outs.items()}
+        inp = next(t for t in eng.tensors if t.is_input)
+        host = inp.host[:len(x)]
+        host[...] = x.astype(inp.dtype, copy=False)
+        eng.context.set_input_shape(inp.name, x.shape)
+        self._cuda.htod(inp.device, host)
+        if not eng.context.execute_async_v3(self._cuda.stream_handle):
+            raise ByotError("TensorRT failed to run the engine; rebuild it with "
+                            "`byot-edge export --format trt` or use --backend onnxruntime")
+        outs = {}
+        for t in eng.tensors:
+            if not t.is_input:
+                shape = tuple(eng.context.get_tensor_shape(t.name))
+                dst = t.host.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+                self._cuda.dtoh(dst, t.device)
+                outs[t.name] = dst
+        self._cuda.sync()
+        # Copy out of the pinned buffers: the next run overwrites them.
+        return {name: a[:n].astype(np.float32, copy=True) for name, a in outs.items()}
 
     def close(self) -> None:
-        self._engines.clear()
+        with self._cuda.current():  # engines and contexts are freed on their device
+            self._engines.clear()
         self._cuda.close()
