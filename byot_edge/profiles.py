@@ -1,6 +1,7 @@
 """Latency profiles as typed records, and their JSON form in the manifest.
 
-A profile belongs to one backend, one device and one batch size; every figure is `Stats` in
+A profile belongs to one backend, one device and one batch size, and records the precision
+of the files it timed (fp32 figures do not price int8 files); every figure is `Stats` in
 milliseconds for the whole batch. The JSON form (`manifest.json`, "latency_profiles") is one
 entry per exit, `{"exit": k, "truncated": {p50, p90, p99, mean, runs}, "segment": {...},
 "spans": {"i": {...}}}`, the deepest exit's entry also holding "plans" and "cascade"
