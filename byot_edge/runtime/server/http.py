@@ -90,7 +90,13 @@ async def form_parts(request: Request, body: bytes, max_files: int) -> list[tupl
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form(max_files=max_files, max_fields=16)
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=16)
+    except Exception as e:  # starlette < 0.50 lets python-multipart's parse errors through
+        if type(e).__name__ != "MultipartParseError":
+            raise
+        raise RequestError(400, f"the multipart body is malformed ({e}); upload an image with "
+                                "curl -F file=@cat.png") from None
     try:
         extra = sorted({k for k in form if k != "file"})
         if extra:
