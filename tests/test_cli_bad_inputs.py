@@ -316,3 +316,25 @@ def test_csv_values_one_parser_for_every_list_option() -> None:
                      ("1,2", {"count": 3}), ("1,2,3,4", {"count": 3})):
         with pytest.raises(ByotError, match=r"^--opt takes what it takes like 1,2, got "):
             csv_values(text, int, "--opt", "what it takes like 1,2", **kw)
+
+
+def test_triton_repo_writes_nothing_outside_the_repository(tmp_path) -> None:
+    # load_manifest refuses paths that leave the deploy folder; the repository's writer
+    # also refuses any destination outside the repository, whatever the path came from.
+    from byot_edge.errors import ByotError
+    from byot_edge.fileio import sha256_file
+    from byot_edge.triton.repository import _Writer
+
+    (tmp_path / "repo").mkdir()
+    src = tmp_path / "file.onnx"
+    src.write_bytes(b"model")
+    writer = _Writer(tmp_path / "repo")
+    for dest in (tmp_path / "repo" / "byot" / "1" / "deploy" / ".." / ".." / ".." / ".." / "x",
+                 Path("/tmp") / "byot-edge-never-written"):
+        with pytest.raises(ByotError, match="outside the repository"):
+            writer.copy(src, dest, sha256_file(src))
+        with pytest.raises(ByotError, match="outside the repository"):
+            writer.text(dest, "text")
+        assert not dest.exists()
+    writer.copy(src, tmp_path / "repo" / "byot" / "1" / "deploy" / "file.onnx", sha256_file(src))
+    assert writer.files == {"byot/1/deploy/file.onnx": sha256_file(src)}
