@@ -4,8 +4,9 @@ cascade plan through the anytime model; store them in the manifest.
 A profile belongs to one backend, one device and one batch size, and records the precision
 of the files it timed (`byot_edge.profiles` has its records and their JSON form;
 `runtime.latency` reads them). Span i-k (i < k) is segments i..k joined, as a cascade runs
-them when exits i..k-1 are off (backends that cannot join segments have no spans). The profile also times what the runtime itself takes,
-through the anytime model with no sample answered early:
+them when exits i..k-1 are off (backends that cannot join segments have no spans). The
+profile also times what the runtime itself takes, through the anytime model with no sample
+answered early:
 - the cascade: the whole call with every exit on (the worst case with every exit on);
 - the plans: for every plan (the exits that are on, "1,3,4"), the time from the first
   step's start to the end of each step. Calibration prices a cascade from these as

@@ -130,15 +130,12 @@ class _CudaPython:
 
     @contextmanager
     def current(self) -> Iterator[None]:
-        """Device N current on this thread for the block, the thread's own device after."""
-        before = int(self._call(self.rt.cudaGetDevice()))
-        if before != self.device_index:
+        """Device N current on this thread for the block. Left current after it, as
+        cudaSetDevice leaves it (other CUDA users set their own device per call): on a
+        thread already there, one cudaGetDevice per run."""
+        if int(self._call(self.rt.cudaGetDevice())) != self.device_index:
             self._call(self.rt.cudaSetDevice(self.device_index))
-        try:
-            yield
-        finally:
-            if before != self.device_index:
-                self.rt.cudaSetDevice(before)
+        yield
 
     def _call(self, result: Any) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
