@@ -338,3 +338,30 @@ def test_triton_repo_writes_nothing_outside_the_repository(tmp_path) -> None:
         assert not dest.exists()
     writer.copy(src, tmp_path / "repo" / "byot" / "1" / "deploy" / "file.onnx", sha256_file(src))
     assert writer.files == {"byot/1/deploy/file.onnx": sha256_file(src)}
+
+
+@pytest.mark.parametrize("args", [("calibrate", M, "--logits", "val.npz"), ("profile", M)],
+                         ids=["calibrate", "profile"])
+def test_a_manifest_folder_that_cannot_be_written_is_refused_before_the_work(
+        workspace, monkeypatch, args) -> None:
+    # calibrate and profile rewrite the manifest when they are done: a read-only deploy
+    # folder (as root, os.access is the kernel's word on it) is named first, not after.
+    import os
+
+    import byot_edge.calibrate
+    import byot_edge.runtime.profile
+
+    real = os.access
+    deploy = (workspace / "deploy").absolute()
+    monkeypatch.setattr("byot_edge.fileio.os.access",
+                        lambda p, mode: Path(p) != deploy and real(p, mode))
+
+    def work(*a, **kw):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(byot_edge.calibrate, "calibrate_manifest", work)
+    monkeypatch.setattr(byot_edge.runtime.profile, "profile_backend", work)
+    monkeypatch.chdir(workspace)
+    r = runner.invoke(app, list(args))
+    assert r.exit_code == 2, r.output
+    assert "deploy is not writable" in r.output and "Traceback" not in r.output
