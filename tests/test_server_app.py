@@ -698,6 +698,15 @@ def test_bodies_past_the_server_wide_budget_get_503_before_being_read(
                 r = c.post(path, content=big, headers={"Content-Type": "application/x-npy"})
                 assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
                 assert "too many uploads" in r.json()["detail"]
+            # 61 kB of JSON, whose 12,288 values take 590 kB once parsed: charged for both
+            r = c.post("/v1/predict", content=json.dumps(
+                {"tensor": np.zeros((4, 3, 32, 32)).tolist()}).encode(),
+                headers={"Content-Type": "application/json"})
+            assert r.status_code == 503, r.text
+            v2 = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [4, 3, 32, 32],
+                              "data": [0.0] * 12288}]}
+            r = c.post("/v2/models/byot/infer", json=v2)
+            assert r.status_code == 503 and "too many uploads" in r.json()["error"], r.text
             r = c.post("/v1/predict", content=data, headers={"Content-Type": "application/x-npy"})
             assert r.status_code == 200, r.text  # a small one still fits beside it
         finally:

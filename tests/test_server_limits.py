@@ -17,7 +17,13 @@ import byot_edge.runtime.decode as decode
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.manifest import InputSpec
 from byot_edge.runtime.batching import BatcherClosed, InferenceThread
-from byot_edge.runtime.decode import NPY_HEADER_BYTES, Limits, decode_body, max_body
+from byot_edge.runtime.decode import (
+    NPY_HEADER_BYTES,
+    Limits,
+    decode_body,
+    decode_bytes,
+    max_body,
+)
 from byot_edge.runtime.server import ServeConfig
 from byot_edge.runtime.server.budget import BodyBudget
 from byot_edge.runtime.server.http import Receive, read_asgi_body
@@ -141,6 +147,15 @@ def test_a_json_body_with_more_values_than_a_request_holds_is_413_unparsed(
     monkeypatch.undo()
     ok = json.dumps({"tensor": np.zeros((8, 3, 4, 4)).tolist()}).encode()
     assert decode_body("application/json", ok, None, SPEC, LIMITS).shape == (8, 3, 4, 4)
+
+
+def test_decoding_is_charged_what_it_allocates() -> None:
+    body = json.dumps({"tensor": np.zeros((2, 3, 4, 4)).tolist()}).encode()
+    assert decode_bytes("application/json", body, SPEC, LIMITS) == 48 * 96  # 96 values
+    huge = b"[" + b"0," * 10_000 + b"0]"  # refused unparsed: charged what a request holds
+    assert decode_bytes("application/json", huge, SPEC, LIMITS) == 48 * (8 * 48 + 16)
+    assert decode_bytes("application/x-npy", b"x" * 100, SPEC, LIMITS) == 100  # its copy
+    assert decode_bytes("image/png", b"x" * 100, SPEC, LIMITS) == 0  # pixel limits
 
 
 def test_a_v2_json_header_with_more_values_than_a_request_holds_is_413() -> None:

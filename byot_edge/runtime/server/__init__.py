@@ -12,7 +12,9 @@ Modules, one idea each:
 
 - config: ServeConfig, the settings;
 - context: ServerContext, what every route shares (model, batcher, config, metrics,
-  readiness, the queue's bound) and `predict`, the path of every prediction request;
+  readiness, the queue's bound, the body budget) and `predict`, the path of every
+  prediction request;
+- budget: BodyBudget, the bytes of request bodies held at once, server-wide;
 - schemas: the pydantic answers, which are the OpenAPI documentation;
 - encode: answers and errors as response bytes (no pydantic model per request);
 - http: reading bodies under the limits, multipart, auth, metrics middleware, errors;

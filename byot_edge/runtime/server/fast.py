@@ -32,6 +32,7 @@ from byot_edge.errors import ByotError
 from byot_edge.runtime.decode import (
     MULTIPART_TYPE,
     decode_body,
+    decode_bytes,
     decodes_inline,
     max_body,
     media_type,
@@ -152,8 +153,10 @@ class FastPredict:
         limit, too_big = max_body(media, spec, limits, config.max_upload_bytes)
 
         async def read(hold: BodyHold) -> bytes:
-            return await read_asgi_body(receive, _header(scope, b"content-length"), limit,
+            body = await read_asgi_body(receive, _header(scope, b"content-length"), limit,
                                         config.body_timeout_s, hold, too_big)
+            hold.reserve(len(body) + decode_bytes(media, body, spec, limits))  # 503 if spent
+            return body
 
         async def decode(body: bytes) -> Any:
             if decodes_inline(media, len(body)):

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from byot_edge import __version__
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.anytime import AnytimeModel
-from byot_edge.runtime.decode import check_json_values
+from byot_edge.runtime.decode import JSON_VALUE_BYTES, check_json_values, json_values
 from byot_edge.runtime.preprocess import check_batch
 from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
@@ -150,6 +150,12 @@ def encode_response(name: str, doc: dict[str, Any],
                                       HEADER_LENGTH: str(len(header))}
 
 
+def _json_part(body: bytes, header_length: str | None) -> bytes:
+    """The JSON of a request, leniently (decode_request checks the length)."""
+    n = int(header_length) if header_length is not None and header_length.isdigit() else 0
+    return body[:n] if 0 < n < len(body) else body
+
+
 def decode_request(body: bytes, header_length: str | None,
                    max_values: int | None = None) -> tuple[dict[str, Any], bytes]:
     """(the JSON request, the binary data after it); 413 when its JSON holds more than
@@ -174,12 +180,11 @@ def decode_request(body: bytes, header_length: str | None,
 
 
 def parse_infer(body: bytes, header_length: str | None, model: AnytimeModel,
-                max_samples: int) -> tuple[np.ndarray, Request, dict[str, Any]]:
+                max_values: int) -> tuple[np.ndarray, Request, dict[str, Any]]:
     """An infer request's checked batch, its parameters, and what of its JSON document
     the answer needs (id, outputs, parameters: not the input's data). Its JSON may hold
-    `max_samples` samples' data and HEADER_VALUES more values (413 past that)."""
-    values = max_samples * math.prod(model.manifest.input.shape) + HEADER_VALUES
-    doc, binary = decode_request(body, header_length, values)
+    `max_values` values (413 past that)."""
+    doc, binary = decode_request(body, header_length, max_values)
     params = {k: v for k, v in _object(doc.get("parameters"), "the request's parameters")
               .items() if k not in TRANSPORT_PARAMETERS}
     parsed = parse_parameters(params, model.num_exits, len(model.class_names))
@@ -207,6 +212,8 @@ def oip_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(tags=["open inference protocol v2"])
     model, config, guarded = ctx.model, ctx.config, list(ctx.protect)
     name = config.model_name
+    # What a request's JSON may hold: a full batch's data and the rest of the document.
+    max_values = config.max_batch * math.prod(model.manifest.input.shape) + HEADER_VALUES
 
     def error(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
         headers = (None if retry_after is None
@@ -253,17 +260,21 @@ def oip_router(ctx: ServerContext) -> APIRouter:
         decoded: list[tuple[Request, dict[str, Any]]] = []  # by decode: parameters, doc
 
         async def read(hold: BodyHold) -> bytes:
-            return await read_body(request, config.max_upload_bytes, config.body_timeout_s,
+            body = await read_body(request, config.max_upload_bytes, config.body_timeout_s,
                                    hold)
+            # what parsing its JSON will allocate too (503 if the budget is spent)
+            values = min(json_values(_json_part(body, header_length)), max_values)
+            hold.reserve(len(body) + JSON_VALUE_BYTES * values)
+            return body
 
         async def decode(body: bytes) -> np.ndarray:
             # The options are in the body: parsed with the tensor, once the body is in
             # and the request holds a queue slot, as /v1/predict decodes.
             if len(body) <= INLINE_HEADER_BYTES:
-                x, parsed, doc = parse_infer(body, header_length, model, config.max_batch)
+                x, parsed, doc = parse_infer(body, header_length, model, max_values)
             else:  # parsing a large JSON document would stall the loop
                 x, parsed, doc = await run_in_threadpool(parse_infer, body, header_length,
-                                                         model, config.max_batch)
+                                                         model, max_values)
             decoded.append((parsed, doc))
             return x
 

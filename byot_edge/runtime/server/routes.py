@@ -16,6 +16,7 @@ from byot_edge.errors import RequestError
 from byot_edge.runtime.decode import (
     MULTIPART_TYPE,
     decode_body,
+    decode_bytes,
     decodes_inline,
     max_body,
     media_type,
@@ -84,7 +85,9 @@ def predict_router(ctx: ServerContext) -> APIRouter:
         limit, too_big = max_body(media, spec, limits, config.max_upload_bytes)
 
         async def read(hold: BodyHold) -> bytes:
-            return await read_body(request, limit, config.body_timeout_s, hold, too_big)
+            body = await read_body(request, limit, config.body_timeout_s, hold, too_big)
+            hold.reserve(len(body) + decode_bytes(media, body, spec, limits))  # 503 if spent
+            return body
 
         async def decode(body: bytes) -> Any:
             parts = (await form_parts(request, body, config.max_batch)
