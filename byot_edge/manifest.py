@@ -98,6 +98,11 @@ class Thresholds:
     # eval` logits, i.e. PyTorch in fp32: what manifests without these fields load as.
     backend: str = "torch"
     precision: str = "fp32"
+    # criterion "gate": per exit 1..K-1, {"weights": [...], "bias": b} (runtime/gates.py)
+    gates: list[dict[str, Any]] | None = None
+    # What risk control promised (calibrate/risk.py, `Guarantee.as_dict`); None: the
+    # thresholds are a point estimate on the calibration samples.
+    guarantee: dict[str, Any] | None = None
 
 
 @dataclass
@@ -301,6 +306,13 @@ def check_consistency(manifest: Manifest, where: str | Path) -> None:
     if bad:
         raise ByotError(f"{where} has thresholds {bad} outside [0, 1] (or "
                         f"{THRESHOLD_OFF:g} for an exit that is off); {fix}")
+    if (th.criterion == "gate") != (th.gates is not None):
+        raise ByotError(f"{where} has criterion {th.criterion!r} with"
+                        f"{'' if th.gates is not None else 'out'} gates; gates go with "
+                        f"criterion 'gate' only; {fix}")
+    if th.gates is not None and len(th.gates) != k - 1:
+        raise ByotError(f"{where} has {len(th.gates)} gates; a {k}-exit model needs {k - 1} "
+                        f"(one per exit 1..{k - 1}); {fix}")
     if th.temperatures is not None and (len(th.temperatures) != k
                                         or any(t <= 0 for t in th.temperatures)):
         raise ByotError(f"{where} has temperatures {th.temperatures}; a {k}-exit model needs "

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from byot_edge.calibrate.costs import Costs
+from byot_edge.calibrate.risk import Guarantee, RiskCounts
 from byot_edge.plans import Plan
+from byot_edge.runtime.gates import Gate
 from byot_edge.runtime.policies import exits_for_thresholds
 
 
@@ -29,6 +31,13 @@ class Candidate:
     # answers everyone (threshold 0), else the deepest (the cascade's worst case)
     worst_flops: float = 0.0
     worst_latency_ms: float | None = None
+    # What risk control reads (calibrate/risk.py): counts over the `n` samples scored
+    risk: RiskCounts | None = None
+
+    @property
+    def agreement(self) -> float:
+        """Share of samples answered with the deepest exit's class."""
+        return 1.0 - self.risk.disagree / self.risk.n if self.risk else float("nan")
 
     def cost(self, metric: str) -> float:
         return self.flops if metric == "flops" else float(self.latency_ms or 0.0)
@@ -50,6 +59,8 @@ class Calibration:
     num_samples: int
     costs: Costs
     notes: list[str] = field(default_factory=list)
+    guarantee: Guarantee | None = None  # None: a point estimate on the calibration samples
+    gates: list[Gate] | None = None  # criterion "gate": the fitted gates, one per exit 1..K-1
 
     def frontier(self, metric: str | None = None) -> list[Candidate]:
         """Candidates no other beats on both accuracy and expected cost (`metric`, default
@@ -64,15 +75,39 @@ class Calibration:
 
 
 class Evaluator:
-    """Scores thresholds by replaying the cascade on the recorded scores."""
+    """Scores thresholds by replaying the cascade on the recorded scores.
 
-    def __init__(self, scores: np.ndarray, correct: np.ndarray, costs: Costs) -> None:
+    `agree` ([K, N] bool: exit k's class is the deepest exit's) adds the counts risk control
+    reads; `plan_scores`: where the scores depend on the exits a plan computes (learned
+    gates), the scores under each plan (`scores` then serves the searches' grids)."""
+
+    def __init__(self, scores: np.ndarray, correct: np.ndarray, costs: Costs,
+                 agree: np.ndarray | None = None,
+                 plan_scores: dict[Plan, np.ndarray] | None = None) -> None:
         self.scores = scores  # [K-1, N]
         self.correct = correct  # [K, N] bool
+        self.agree = agree
         self.costs = costs
+        self.plan_scores = plan_scores
         self.num_exits, self.n = correct.shape
         self.seen: dict[tuple[float, ...], Candidate] = {}
         self._plans: dict[tuple[Plan, str], list[float]] = {}
+
+    def subset(self, idx: np.ndarray) -> Evaluator:
+        """The same replay on the samples `idx` only."""
+        agree = None if self.agree is None else self.agree[:, idx]
+        by_plan = (None if self.plan_scores is None
+                   else {plan: s[:, idx] for plan, s in self.plan_scores.items()})
+        return Evaluator(self.scores[:, idx], self.correct[:, idx], self.costs, agree, by_plan)
+
+    def _risk(self, e: np.ndarray) -> RiskCounts | None:
+        if self.agree is None:
+            return None
+        cols = np.arange(self.n)
+        right, deepest_right = self.correct[e, cols], self.correct[-1]
+        return RiskCounts(self.n, int((~right & deepest_right).sum()),
+                          int((right & ~deepest_right).sum()),
+                          int((~self.agree[e, cols]).sum()))
 
     def _plan_costs(self, plan: Plan, metric: str) -> list[float]:
         if (plan, metric) not in self._plans:
@@ -83,10 +118,11 @@ class Evaluator:
         key = tuple(float(t) for t in thresholds)
         if key in self.seen:
             return self.seen[key]
-        e = exits_for_thresholds(self.scores, key)
+        plan = Plan.from_thresholds(key, self.num_exits)
+        scores = self.scores if self.plan_scores is None else self.plan_scores[plan]
+        e = exits_for_thresholds(scores, key)
         counts = np.bincount(e, minlength=self.num_exits)
         acc = float(self.correct[e, np.arange(self.n)].mean())
-        plan = Plan.from_thresholds(key, self.num_exits)
         # Scores are >= 0: past an exit with threshold 0 no sample goes on.
         last = next((k for k, t in enumerate(key, start=1) if t <= 0), self.num_exits)
         flops_at = self._plan_costs(plan, "flops")
@@ -101,6 +137,6 @@ class Evaluator:
             latency = worst_latency = (self.costs.latency_alone[-1] if self.costs.latency_alone
                                        else None)
         c = Candidate(method, key, acc, flops, latency, tuple(float(v) for v in counts / self.n),
-                      worst_flops, worst_latency)
+                      worst_flops, worst_latency, self._risk(e))
         self.seen[key] = c
         return c

@@ -4,13 +4,16 @@ logits and the costs of each plan."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from byot_edge.calibrate.candidates import Calibration, Candidate, Evaluator
+from byot_edge.calibrate.controlled import learn_then_test
 from byot_edge.calibrate.costs import Costs
+from byot_edge.calibrate.gate_fit import PlanFeatures, fit_gates, gate_targets, plan_scores
 from byot_edge.calibrate.logits import ValLogits, fit_temperature
+from byot_edge.calibrate.risk import check_delta, check_risk, split_indices
 from byot_edge.calibrate.search import (
     MSDNET_P,
     direct_search,
@@ -19,7 +22,9 @@ from byot_edge.calibrate.search import (
     threshold_grid,
 )
 from byot_edge.errors import ByotError
-from byot_edge.runtime.policies import check_criterion, confidence
+from byot_edge.plans import Plan
+from byot_edge.runtime.gates import GATE
+from byot_edge.runtime.policies import NEVER, check_criterion, confidence
 
 
 @dataclass(frozen=True)
@@ -29,38 +34,88 @@ class Objective:
     description: str
     feasible: Callable[[Candidate], bool]
     key: Callable[[Candidate], tuple[float, float]]
+    # The part of `feasible` that does not depend on the samples (the worst case's bound):
+    # what risk control keeps when it replaces the accuracy target by a guarantee
+    within_bounds: Callable[[Candidate], bool] = lambda c: True
 
 
 def calibrate(val: ValLogits, costs: Costs, *, criterion: str = "max_softmax",
               temperature: bool = False, max_drop: float | None = None,
               flops_budget: float | None = None, latency_budget_ms: float | None = None,
-              max_worst_case: float | None = None, grid_size: int = 100) -> Calibration:
+              max_worst_case: float | None = None, grid_size: int = 100,
+              delta: float | None = None, risk: str = "drop", fit_fraction: float = 0.5,
+              seed: int = 0) -> Calibration:
     """Choose thresholds for exits 1..K-1 meeting exactly one objective:
     `max_drop` (accuracy points below the deepest exit, at the least expected cost), or the
     best accuracy within `flops_budget` (FLOPs per sample) or `latency_budget_ms`.
 
+    With `delta`, the `max_drop` objective is met with a guarantee (calibrate/risk.py): the
+    `risk` ("drop", or "disagreement" with the deepest exit, which needs no labels) on new
+    data from the same distribution stays within `max_drop` points with probability at least
+    1 - delta. A share `fit_fraction` of the samples (drawn with `seed`) orders the candidates
+    and fits the gates; the rest tests them. Without `delta`, the choice is a point estimate.
+
+    `criterion` "gate" learns a gate per exit (runtime/gates.py) on that share first.
     `max_worst_case` also bounds what a sample no exit lets go costs, as a multiple of the
     deepest exit alone (1.1: at most 10% more): the branches of the exits that are on are
     that overhead, so it limits which exits may be on."""
-    check_criterion(criterion)
+    gated = criterion == GATE
+    if not gated:
+        check_criterion(criterion)
     max_drop = _check_request(val, costs, max_drop, flops_budget, latency_budget_ms,
                               max_worst_case)
+    if delta is not None:
+        check_delta(delta)
+        if max_drop is None:
+            raise ByotError("--delta bounds the risk of --max-drop; a FLOPs or latency budget "
+                            "is met as a point estimate: drop --delta, or use --max-drop")
+    check_risk(risk)
+    if risk == "disagreement" and delta is None:
+        raise ByotError("--risk disagreement is a guarantee: give it with --delta (e.g. 0.1)")
     num_exits = val.num_exits
     metric = "flops" if flops_budget is not None or costs.latency_cascade is None else "latency"
     temps = ([fit_temperature(val.logits[k], val.labels) for k in range(num_exits)]
              if temperature else None)
-    scores = np.stack([confidence(val.logits[k], criterion, temps[k] if temps else 1.0)
-                       for k in range(num_exits - 1)])
-    correct = val.logits.argmax(axis=2) == val.labels[None]
-    ev = Evaluator(scores, correct, costs)
+    fit, test = split_indices(len(val.labels), fit_fraction, seed) if (
+        gated or delta is not None) else (None, None)
+    gates, by_plan = None, None
+    if gated:
+        features = PlanFeatures(val.logits, temps)
+        gates = fit_gates(features, gate_targets(val.logits, val.labels, risk), fit)
+        by_plan = plan_scores(features, gates)
+        scores = by_plan[Plan.every_exit(num_exits)]
+    else:
+        scores = np.stack([confidence(val.logits[k], criterion, temps[k] if temps else 1.0)
+                           for k in range(num_exits - 1)])
+    pred = val.logits.argmax(axis=2)
+    correct = pred == val.labels[None]
+    ev = Evaluator(scores, correct, costs, pred == pred[-1:], by_plan)
     deepest = float(correct[-1].mean())
     objective = _objective(metric, deepest, max_drop, flops_budget, latency_budget_ms)
     if max_worst_case is not None:
         objective = _bound_worst_case(objective, metric, costs, max_worst_case)
-    chosen = _search(ev, scores, objective, metric, grid_size)
+    guarantee = None
+    if delta is not None:
+        assert fit is not None and test is not None and max_drop is not None
+        chosen, guarantee, _ = learn_then_test(
+            ev, fit, test, risk=risk, max_risk=max_drop / 100, delta=delta, metric=metric,
+            allowed=objective.within_bounds, grid_size=grid_size)
+        chosen = replace(chosen, method=f"ltt ({risk}, delta {delta:g})")
+        description = guarantee.describe()
+        if max_worst_case is not None:
+            description += f", worst case <= {max_worst_case:g}x the deepest exit alone"
+        objective = replace(objective, description=description)
+    else:
+        chosen = _search(ev, scores, objective, metric, grid_size)
+    notes = _notes(val, costs)
+    if guarantee is not None and all(t == NEVER for t in chosen.thresholds):
+        notes.append(f"no early exit could be certified on {len(test)} held-back samples "  # type: ignore[arg-type]
+                     f"at delta {delta:g}: every sample goes to the deepest exit; use more "
+                     "validation samples, a larger --max-drop or --delta, or a point estimate "
+                     "(no --delta)")
     return Calibration(criterion, temps, metric, objective.description, chosen,
                        list(ev.seen.values()), _exits_alone(costs, correct), deepest,
-                       len(val.labels), costs, _notes(val, costs))
+                       len(val.labels), costs, notes, guarantee, gates)
 
 
 def _check_request(val: ValLogits, costs: Costs, max_drop: float | None,
@@ -112,9 +167,13 @@ def _bound_worst_case(objective: Objective, metric: str, costs: Costs,
     ceiling = max_worst_case * (costs.flops_alone[-1] if metric == "flops"
                                 else float(costs.latency_alone[-1]))  # type: ignore[index]
     meets = objective.feasible
+
+    def bounded(c: Candidate) -> bool:
+        return c.worst(metric) <= ceiling * (1 + 1e-12)
+
     return Objective(
         objective.description + f", worst case <= {max_worst_case:g}x the deepest exit alone",
-        lambda c: meets(c) and c.worst(metric) <= ceiling * (1 + 1e-12), objective.key)
+        lambda c: meets(c) and bounded(c), objective.key, bounded)
 
 
 def _search(ev: Evaluator, scores: np.ndarray, objective: Objective, metric: str,

@@ -25,8 +25,15 @@ def write_thresholds(manifest: Manifest, cal: Calibration, source: str,
         expected["worst_case_latency_ms"] = float(c.worst_latency_ms or 0.0)
         if cal.exits_alone[-1].latency_ms:
             expected["deepest_latency_ms"] = float(cal.exits_alone[-1].latency_ms)
-    manifest.thresholds = Thresholds(cal.criterion, list(c.thresholds), cal.temperatures,
-                                     source, expected, backend, precision)
+    if cal.guarantee is not None:
+        g = cal.guarantee
+        expected["guaranteed_max_risk_points"] = 100 * g.max_risk
+        expected["risk_bound_points"] = 100 * g.bound
+        expected["disagreement_points"] = 100 * (1 - c.agreement)
+    manifest.thresholds = Thresholds(
+        cal.criterion, list(c.thresholds), cal.temperatures, source, expected, backend,
+        precision, [gate.as_dict() for gate in cal.gates] if cal.gates is not None else None,
+        cal.guarantee.as_dict() if cal.guarantee is not None else None)
     return manifest.save()
 
 

@@ -56,16 +56,21 @@ def msdnet_thresholds(scores: np.ndarray, p: float, num_exits: int) -> list[floa
             t = NEVER
         elif leave >= len(s):
             t = 0.0
-        else:
-            t = float((s[leave - 1] + s[leave]) / 2) if s[leave - 1] > s[leave] else float(
-                np.nextafter(s[leave - 1], np.inf))
+        elif s[leave - 1] > s[leave]:
+            t = float((s[leave - 1] + s[leave]) / 2)
+        else:  # a tie at the cut: the tied samples stay (just above their score)...
+            t = float(np.nextafter(s[leave - 1], np.inf))
+            if t > 1:  # ...which no score can reach past 1 (a tie at 1.0): the exit is off
+                t = NEVER
         out.append(t)
         running &= scores[k] < t
     return out
 
 
-def greedy_path(ev: Evaluator, grids: list[np.ndarray], metric: str) -> None:
-    """From all thresholds at NEVER down to all at 0, one grid step at a time."""
+def greedy_path(ev: Evaluator, grids: list[np.ndarray], metric: str,
+                quality: Callable[[Candidate], float] = lambda c: c.accuracy) -> None:
+    """From all thresholds at NEVER down to all at 0, one grid step at a time, each step
+    the one that loses the least `quality` (accuracy by default) per unit of cost saved."""
     idx = [len(g) - 1 for g in grids]
     cur = ev([g[i] for g, i in zip(grids, idx, strict=True)], "greedy")
     while any(i > 0 for i in idx):
@@ -77,7 +82,7 @@ def greedy_path(ev: Evaluator, grids: list[np.ndarray], metric: str) -> None:
             t[j] = g[idx[j] - 1]
             c = ev(t, "greedy")
             saved = cur.cost(metric) - c.cost(metric)
-            gain = c.accuracy - cur.accuracy
+            gain = quality(c) - quality(cur)
             # Free moves (no cost change, no loss) first; then least loss per cost saved.
             score = np.inf if saved <= 0 and gain >= 0 else gain / saved if saved > 0 else -np.inf
             if best is None or score > best[0]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 from byot_edge.calibrate.candidates import Calibration
 from byot_edge.calibrate.choose import calibrate
@@ -26,8 +27,9 @@ def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
                        latency_budget_ms: float | None = None,
                        max_worst_case: float | None = None, backend: str | None = None,
                        batch: int | None = None, plot: str | Path | None = None,
-                       write: bool = True) -> Calibration:
-    """Load, calibrate, write the thresholds into the manifest, optionally plot."""
+                       write: bool = True, **risk: Any) -> Calibration:
+    """Load, calibrate, write the thresholds into the manifest, optionally plot. `risk`:
+    `calibrate`'s delta, risk, fit_fraction and seed."""
     if plot:  # before any work, rather than after the thresholds are written
         require("matplotlib", "for --plot")
     manifest = load_manifest(manifest_path)
@@ -35,7 +37,7 @@ def calibrate_manifest(manifest_path: str | Path, logits_path: str | Path, *,
                             temperature=temperature, max_drop=max_drop,
                             flops_budget=flops_budget, latency_budget_ms=latency_budget_ms,
                             max_worst_case=max_worst_case, backend=backend, batch=batch,
-                            plot=plot, write=write)
+                            plot=plot, write=write, **risk)
 
 
 def calibrate_engine(manifest_path: str | Path, data_dir: str | Path, *,
@@ -45,7 +47,8 @@ def calibrate_engine(manifest_path: str | Path, data_dir: str | Path, *,
                      temperature: bool = False, max_drop: float | None = None,
                      flops_budget: float | None = None, latency_budget_ms: float | None = None,
                      max_worst_case: float | None = None, batch: int | None = None,
-                     plot: str | Path | None = None, write: bool = True) -> Calibration:
+                     plot: str | Path | None = None, write: bool = True,
+                     **risk: Any) -> Calibration:
     """Run the files `backend` serves on the validation split, calibrate on their logits
     (priced with that backend's latency profile where there is one), write and plot."""
     from byot_edge.calibrate.engine_logits import engine_logits
@@ -60,7 +63,7 @@ def calibrate_engine(manifest_path: str | Path, data_dir: str | Path, *,
     return calibrate_logits(manifest, val, criterion=criterion, temperature=temperature,
                             max_drop=max_drop, flops_budget=flops_budget,
                             latency_budget_ms=latency_budget_ms, max_worst_case=max_worst_case,
-                            backend=val.backend, batch=batch, plot=plot, write=write)
+                            backend=val.backend, batch=batch, plot=plot, write=write, **risk)
 
 
 def calibrate_logits(manifest: Manifest, val: ValLogits, *, criterion: str = "max_softmax",
@@ -68,15 +71,16 @@ def calibrate_logits(manifest: Manifest, val: ValLogits, *, criterion: str = "ma
                      flops_budget: float | None = None, latency_budget_ms: float | None = None,
                      max_worst_case: float | None = None, backend: str | None = None,
                      batch: int | None = None, plot: str | Path | None = None,
-                     write: bool = True) -> Calibration:
-    """Calibrate `manifest` on logits from any source; write and plot as asked."""
+                     write: bool = True, **risk: Any) -> Calibration:
+    """Calibrate `manifest` on logits from any source; write and plot as asked. `risk`:
+    `calibrate`'s delta, risk, fit_fraction and seed (risk control, calibrate/risk.py)."""
     if val.logits.shape[2] != len(manifest.class_names):
         raise ByotError(f"{val.path} has {val.logits.shape[2]} classes but the manifest has "
                         f"{len(manifest.class_names)}; evaluate the checkpoint it was exported "
                         "from")
     cal = calibrate(val, manifest_costs(manifest, backend, batch=batch), criterion=criterion,
                     temperature=temperature, max_drop=max_drop, flops_budget=flops_budget,
-                    latency_budget_ms=latency_budget_ms, max_worst_case=max_worst_case)
+                    latency_budget_ms=latency_budget_ms, max_worst_case=max_worst_case, **risk)
     if val.dataset and manifest.dataset and val.dataset != manifest.dataset:
         cal.notes.insert(0, f"{val.path} is from dataset {val.dataset!r} but the model was "
                             f"trained on {manifest.dataset!r}")

@@ -41,6 +41,12 @@ Examples:
 
   byot-edge calibrate deploy/manifest.json --logits runs/r18/val_logits.npz --max-drop 0.5 --plot curve.png
 
+  byot-edge calibrate deploy/manifest.json --logits val.npz --max-drop 0.5 --delta 0.05 --criterion gate
+
+  byot-edge calibrate deploy/manifest.json --logits val.npz --max-drop 1 --risk disagreement
+
+  byot-edge calibrate deploy/manifest.json --logits val.npz --max-drop 0.5 --point
+
   byot-edge calibrate deploy/manifest.json --logits val.npz --flops-budget 150M --criterion entropy --temperature
 
   byot-edge calibrate deploy/manifest.json --logits val.npz --latency-budget-ms 2.5
@@ -130,6 +136,18 @@ def predict_command(
     console.print(table)
 
 
+def _promise(cal: Calibration) -> str:
+    """What the chosen thresholds promise, in one line."""
+    c, g = cal.chosen, cal.guarantee
+    if g is None:
+        return (f"point estimate: {100 * (cal.deepest_accuracy - c.accuracy):.2f} points below "
+                f"the deepest exit on these {cal.num_samples} samples; on new data it can be "
+                "more (no guarantee: drop --point, or use --max-drop without a budget)")
+    return (f"guarantee ({g.method}): {g.describe()}; measured on all {cal.num_samples}: "
+            f"{100 * (cal.deepest_accuracy - c.accuracy):.2f} points below the deepest exit, "
+            f"{100 * (1 - c.agreement):.2f}% answered otherwise than it")
+
+
 def _calibration_table(cal: Calibration, rows: int) -> Table:
     """The frontier (at most `rows` of it, the choice always), then each exit alone."""
     lat = cal.chosen.latency_ms is not None
@@ -196,8 +214,23 @@ def calibrate_command(
     max_worst_case: Annotated[float | None, typer.Option(
         help="Also bound a sample that no exit lets go, as a multiple of the deepest exit "
              "alone (e.g. 1.1): limits which exits' branches may run.")] = None,
-    criterion: Annotated[str, typer.Option(help="max_softmax, entropy or margin.")
-    ] = "max_softmax",
+    criterion: Annotated[str, typer.Option(
+        help="max_softmax, entropy, margin, or gate (a logistic gate per exit learned from "
+             "this and the earlier exits' softmax).")] = "max_softmax",
+    delta: Annotated[float | None, typer.Option(
+        help="With --max-drop: the promise holds on new data with probability >= 1 - delta "
+             "(Learn-then-Test). Default 0.1.")] = None,
+    risk: Annotated[str, typer.Option(
+        help="What --max-drop bounds: drop (accuracy points against the deepest exit, needs "
+             "labels) or disagreement (points of answers differing from the deepest exit's, "
+             "no labels needed; it also bounds the drop).")] = "drop",
+    fit_fraction: Annotated[float, typer.Option(
+        help="Share of the validation samples that orders the candidates (and fits gates); "
+             "the rest certifies them.")] = 0.5,
+    point: Annotated[bool, typer.Option(
+        "--point", help="The old choice: the cheapest thresholds meeting --max-drop on the "
+                        "validation samples themselves, with no guarantee on new data.")
+    ] = False,
     temperature: Annotated[bool, typer.Option(
         help="Fit a temperature per exit on the logits first.")] = False,
     backend: Annotated[str | None, typer.Option(
@@ -224,10 +257,16 @@ def calibrate_command(
     if not dry_run:
         _manifest_writable(manifest)
     _check_logits_source(logits, data_dir, precision, device, threads, save_logits)
+    budget = flops_budget is not None or latency_budget_ms is not None
+    if point and delta is not None:
+        raise ByotError("--point is the estimate without a guarantee and --delta the "
+                        "guarantee's confidence: give one of them")
+    guaranteed = not point and not (budget and delta is None)
     common = {"criterion": criterion, "temperature": temperature, "max_drop": max_drop,
               "flops_budget": _flops(flops_budget), "latency_budget_ms": latency_budget_ms,
               "max_worst_case": max_worst_case, "batch": batch, "plot": plot,
-              "write": not dry_run}
+              "write": not dry_run, "risk": risk, "fit_fraction": fit_fraction,
+              "delta": (0.1 if delta is None else delta) if guaranteed else None}
     with _show_warnings():
         if data_dir is not None:
             from byot_edge.runtime.backends import canonical_backend
@@ -239,6 +278,7 @@ def calibrate_command(
         else:
             cal = calibrate_manifest(manifest, logits, backend=backend, **common)  # type: ignore[arg-type]
     console.print(_calibration_table(cal, rows))
+    console.print(_promise(cal))
     if save_logits:
         console.print(f"wrote {save_logits}")
     if dry_run:

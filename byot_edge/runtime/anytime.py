@@ -38,6 +38,7 @@ from byot_edge.runtime.backends import (
     get_backend,
     span_name,
 )
+from byot_edge.runtime.gates import GATE, ExitGates, Gate
 from byot_edge.runtime.latency import Latencies, resolve, select_profile
 from byot_edge.runtime.policies import (
     NEVER,
@@ -48,6 +49,7 @@ from byot_edge.runtime.policies import (
     Step,
     deepest_exit_within,
     exits_to_compute,
+    uses_earlier_exits,
 )
 from byot_edge.runtime.precision import backend_precision_note, threshold_precision_note
 from byot_edge.runtime.preprocess import check_batch
@@ -63,7 +65,7 @@ class AnytimeModel:
         self._exit_files: dict[int, list[tuple[str, ArtifactIO]]] = {}  # see _fixed
         # (batch size, statistic) -> the profile's figures for this backend and device
         self._latencies: dict[tuple[int, str], Latencies | None] = {}
-        self._calibrated: tuple[Thresholds, ConfidenceThresholds] | None = None
+        self._calibrated: tuple[Thresholds, ConfidenceThresholds | ExitGates] | None = None
         # Precision mismatches (runtime/precision.py), said through the warnings below
         self._backend_note = backend_precision_note(manifest, backend)
         self._threshold_note: tuple[Thresholds, str | None] | None = None
@@ -144,9 +146,10 @@ class AnytimeModel:
                              None if plan is None else Plan.of(plan), probabilities)
 
     def threshold_policy(self, threshold: float | Sequence[float] | None = None,
-                         criterion: str | None = None) -> ConfidenceThresholds | None:
+                         criterion: str | None = None) -> ConfidenceThresholds | ExitGates | None:
         """The request's thresholds, else the manifest's; calibrated temperatures apply to
-        both (they describe the exits' logits, not the thresholds)."""
+        both (they describe the exits' logits, not the thresholds). A manifest calibrated
+        with learned gates answers a request's thresholds with its gates' scores."""
         cal = self.manifest.thresholds
         temps = cal.temperatures if cal else None
         if threshold is None:
@@ -156,11 +159,22 @@ class AnytimeModel:
                 raise ByotError(f"the manifest's thresholds are for {cal.criterion}; pass "
                                 f"threshold along with criterion {criterion!r}")
             if self._calibrated is None or self._calibrated[0] is not cal:  # built once
-                self._calibrated = (cal, ConfidenceThresholds.for_model(
-                    cal.values, self.num_exits, cal.criterion, temps))
+                self._calibrated = (cal, self._policy(cal, cal.values, cal.criterion))
             return self._calibrated[1]
         crit = criterion or (cal.criterion if cal else "max_softmax")
+        if cal is not None and crit == GATE:
+            return self._policy(cal, threshold, crit)
         return ConfidenceThresholds.for_model(threshold, self.num_exits, crit, temps)
+
+    def _policy(self, cal: Thresholds, values: float | Sequence[float],
+                criterion: str) -> ConfidenceThresholds | ExitGates:
+        """The manifest's kind of policy (confidence thresholds or gates) at `values`."""
+        if criterion == GATE:
+            where = f"{self.manifest.root / 'manifest.json'}"
+            gates = [Gate.from_dict(g, where) for g in cal.gates or []]
+            return ExitGates.for_model(gates, values, self.num_exits, cal.temperatures)
+        return ConfidenceThresholds.for_model(values, self.num_exits, criterion,
+                                              cal.temperatures)
 
     def _calibrated_precision_notes(self) -> list[str]:
         """The warning when the manifest's thresholds were fitted on another precision than
@@ -338,6 +352,9 @@ class AnytimeModel:
         result: CascadeResult | None = None
         active: list[int] | None = None
         h = x
+        # The earlier exits' probabilities of the samples still running, for policies that
+        # read them (learned gates); None for the others, which pay nothing for it.
+        earlier: list[list[list[float]]] | None = [] if uses_earlier_exits(policy) else None
         t0 = time.perf_counter()
         for j, (k, names, ios) in enumerate(steps):
             t_seg = time.perf_counter()
@@ -353,9 +370,11 @@ class AnytimeModel:
             nxt = None
             if deadline and k < num_exits:
                 nxt = self._next_cost_ms(plan, j, len(h), (now - t_seg) * 1e3, options, notes)
-            step = Step(k, num_exits, logits, elapsed, nxt)
+            step = Step(k, num_exits, logits, elapsed, nxt, earlier)
             answer = None if k == num_exits else _mask(policy(step), len(h))
             answered = len(h) if answer is None else sum(answer)
+            if earlier is not None and answered < len(h):
+                earlier = [*earlier, step.softmax(self._temperature(k)).rows()]
             if not answered:
                 continue
             sm = step.softmax(self._temperature(k))  # the policy's, where it took one
@@ -373,6 +392,8 @@ class AnytimeModel:
             # Compact: only the samples still running go on to the next step.
             keep = [i for i, go in enumerate(answer) if not go]
             h, active = h[keep], [active[i] for i in keep]
+            if earlier is not None:
+                earlier = [[rows[i] for i in keep] for rows in earlier]
         assert result is not None  # the deepest step answers everyone
         result.calls, result.step_ms = calls, step_ms
         return result

@@ -155,6 +155,17 @@ class Softmax:
                 return [s >= t for s in rough]
         return [s >= t for s in self.scores]
 
+    def rows(self) -> list[list[float]]:
+        """The probabilities as one list of Python floats per row, the same bits as
+        `probabilities()` (what a learned gate reads, row by row)."""
+        if isinstance(self._probabilities, np.ndarray) or self._rows is None:
+            return self.probabilities().tolist()
+        if self._scores is None:
+            self._exact()
+        c = self._logits.shape[1]
+        e, sums = self._e, self._sums
+        return [[e[i * c + j] / s for j in range(c)] for i, s in enumerate(sums)]
+
     def probabilities(self) -> np.ndarray:
         """[n, C] float64 (computed once; do not modify it)."""
         if self._probabilities is None:
@@ -220,6 +231,10 @@ class Step:
     # predicted time of the cascade's next step (the sections up to the next exit that is
     # on); None: unknown
     next_cost_ms: float | None = None
+    # For policies that read the earlier exits (`uses_earlier_exits`, the learned gates):
+    # per exit computed before this one, each running sample's probabilities there (rows of
+    # Python floats, aligned with `logits`); None for other policies.
+    earlier: list[list[list[float]]] | None = None
     # softmax(logits) by temperature, computed once per step: the policy scores with it and
     # the anytime model answers with it
     _softmax: dict[float, Softmax] = field(default_factory=dict, init=False, compare=False,
@@ -324,14 +339,26 @@ class Deadline:
         return self.inner(step)
 
 
+def uses_earlier_exits(policy: Policy) -> bool:
+    """Whether `policy` (or the one a Deadline wraps) reads `Step.earlier`."""
+    inner = policy.inner if isinstance(policy, Deadline) else policy
+    return bool(getattr(inner, "uses_earlier_exits", False))
+
+
+def policy_temperature(policy: Policy, k: int) -> float:
+    """The temperature `policy` scores exit k at (1 for policies without one)."""
+    inner = policy.inner if isinstance(policy, Deadline) else policy
+    temperature = getattr(inner, "temperature", None)
+    return float(temperature(k)) if callable(temperature) else 1.0
+
+
 def exits_to_compute(policy: Policy, num_exits: int) -> Plan:
     """The exits whose logits a cascade under `policy` needs: for thresholds, also under a
     deadline, the exits switched on (the branches of the others are skipped, as calibration
     prices them); for any other policy, all."""
     inner = policy.inner if isinstance(policy, Deadline) else policy
-    if isinstance(inner, ConfidenceThresholds):
-        return inner.active_exits(num_exits)
-    return Plan.every_exit(num_exits)
+    active = getattr(inner, "active_exits", None)  # thresholds and learned gates
+    return active(num_exits) if callable(active) else Plan.every_exit(num_exits)
 
 
 def deepest_exit_within(latency_ms: Sequence[float], budget_ms: float) -> int | None:
@@ -368,6 +395,7 @@ def simulate(logits: np.ndarray, policy: Policy,
     steps: list[tuple[int, int]] = []
     elapsed = 0.0
     plan = exits_to_compute(policy, num_exits).steps()
+    earlier: list[list[list[float]]] | None = [] if uses_earlier_exits(policy) else None
     for j, (first, k) in enumerate(plan):
         steps.append((k, len(active)))
         nxt = None
@@ -376,11 +404,16 @@ def simulate(logits: np.ndarray, policy: Policy,
             if k < num_exits:
                 nxt = float(sum(segment_ms[k:plan[j + 1][1]]))
         z = logits[k - 1, active]
-        answer = np.asarray(policy(Step(k, num_exits, z, elapsed, nxt)), dtype=bool)
+        step = Step(k, num_exits, z, elapsed, nxt, earlier)
+        answer = np.asarray(policy(step), dtype=bool)
         if k == num_exits:
             answer[:] = True  # the deepest exit always answers
         exits[active[answer]] = k
         preds[active[answer]] = z[answer].argmax(axis=-1)
+        if earlier is not None:  # as the runtime keeps them: the samples that go on
+            rows = step.softmax(policy_temperature(policy, k)).rows()
+            keep = np.flatnonzero(~answer).tolist()
+            earlier = [[r[i] for i in keep] for r in [*earlier, rows]]
         active = active[~answer]
         if len(active) == 0:
             break
