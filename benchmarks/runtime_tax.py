@@ -17,7 +17,9 @@ from one run:
 - `ours/own`: against our backend's own session called bare (the same session, so it is
   the runtime's Python alone, without the few percent two sessions of one file differ by);
 - `best/best`: our fastest configuration against the fastest plain session (each
-  configuration is its own interleaved run, so this ratio spans runs).
+  configuration is its own interleaved run, so this ratio spans runs);
+- `gate/ours` (with `--gates`, cascade row): the learned gates' cascade against the
+  max-softmax one, both through the runtime (target: at most 1.05x).
 
 The cascade row runs every sample through every exit (thresholds off: the most steps and
 the most policy calls a cascade has) against the same segment sessions chained with
@@ -47,6 +49,7 @@ import numpy as np
 from byot_edge.plans import Plan
 from byot_edge.runtime.anytime import AnytimeModel
 from byot_edge.runtime.backends import EXIT, SEGMENT, artifact_name
+from byot_edge.runtime.gates import FEATURES, ExitGates, Gate
 from byot_edge.runtime.policies import NEVER, ConfidenceThresholds
 from byot_edge.timing import interleave
 
@@ -118,8 +121,17 @@ def bare_chain(model: AnytimeModel, x: np.ndarray) -> Callable[[], object]:
     return chain
 
 
-def cascade_ways(models: dict[str, AnytimeModel],
-                 x: np.ndarray) -> dict[str, Callable[[], object]]:
+def never_gates(model: AnytimeModel) -> ExitGates:
+    """Learned gates (the manifest's, else zero weights: the cost is the same) that never
+    answer early, so every step scores every sample, as the max-softmax row does."""
+    th = model.manifest.thresholds
+    gates = ([Gate.from_dict(g) for g in th.gates] if th is not None and th.gates
+             else [Gate((0.0,) * len(FEATURES), 0.0)] * (model.num_exits - 1))
+    return ExitGates.for_model(gates, NEVER, model.num_exits)
+
+
+def cascade_ways(models: dict[str, AnytimeModel], x: np.ndarray,
+                 gates: bool = False) -> dict[str, Callable[[], object]]:
     ways: dict[str, Callable[[], object]] = {}
     for config, model in models.items():
         never = ConfidenceThresholds.for_model(NEVER, model.num_exits)
@@ -127,6 +139,10 @@ def cascade_ways(models: dict[str, AnytimeModel],
         ways[f"ours|{config}"] = (  # answers as predict() makes them: no probabilities
             lambda m=model, p=never, q=plan: m.run_policy(x, p, q, probabilities=False))
         ways[f"own|{config}"] = bare_chain(model, x)
+        if gates:  # the learned gates' cascade, every sample through every exit too
+            ways[f"gate|{config}"] = (
+                lambda m=model, p=never_gates(model), q=plan: m.run_policy(
+                    x, p, q, probabilities=False))
     return ways
 
 
@@ -154,6 +170,8 @@ def ratios(p50: dict[str, float]) -> dict[str, float]:
         for base in ("plain", "answer", "own"):
             if f"{base}|{config}" in p50:
                 out[f"ours/{base}|{config}"] = p50[f"ours|{config}"] / p50[f"{base}|{config}"]
+        if f"gate|{config}" in p50:  # learned gates against max softmax, both ours
+            out[f"gate/ours|{config}"] = p50[f"gate|{config}"] / p50[f"ours|{config}"]
     base = "plain" if any(n.startswith("plain|") for n in p50) else "own"
     best_ours = min(v for n, v in p50.items() if n.startswith("ours|"))
     best_base = min(v for n, v in p50.items() if n.startswith(f"{base}|"))
@@ -167,7 +185,7 @@ def show(row: dict[str, Any]) -> None:
     p50, r = row["p50_ms"], row["ratios"]
     load = f"load {row['load_avg_1min'][0]:.1f}-{row['load_avg_1min'][1]:.1f}"
     for config in sorted({name.split("|")[1] for name in p50}):
-        cells = [f"{way} {p50[f'{way}|{config}']:8.3f}" for way in ("ours", "plain", "own")
+        cells = [f"{way} {p50[f'{way}|{config}']:8.3f}" for way in ("ours", "plain", "own", "gate")
                  if f"{way}|{config}" in p50]
         ratio = [f"{k.split('|')[0]} {v:.3f}x" for k, v in r.items() if k.endswith(f"|{config}")]
         print(f"batch {row['batch']:3d} {what:8s} {config:18s} {' '.join(cells)} ms | "
@@ -203,6 +221,9 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=5.0, help="per way and row")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per row")
     p.add_argument("--no-cascade", action="store_true")
+    p.add_argument("--gates", action="store_true",
+                   help="also the learned gates' cascade: gate/ours is its cost against the "
+                        "max-softmax cascade's (target <= 1.05x)")
     p.add_argument("--json", default="runtime_tax_cpu.json")
     args = p.parse_args()
     if args.clock == "thread":  # worker threads' time would not be counted
@@ -220,7 +241,7 @@ def main() -> None:
             (batch, *first.manifest.input.shape)).astype(first.manifest.input.dtype)
         cases = [(k, exit_ways(models, k, x)) for k in exits]
         if not args.no_cascade and first.has_segments():
-            cases.append((0, cascade_ways(models, x)))
+            cases.append((0, cascade_ways(models, x, args.gates)))
         for k, ways in cases:
             runs = []
             for repeat in range(args.repeats):

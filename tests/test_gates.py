@@ -50,13 +50,13 @@ def some_gates(k: int = 4, seed: int = 0) -> list[Gate]:
 
 
 @pytest.mark.parametrize("n", [1, 3, 64])  # Python floats (<= 100 logits) and numpy
-def test_softmax_rows_are_the_probabilities_bit_for_bit(n: int) -> None:
+def test_the_gates_probabilities_have_the_same_bits_in_any_batch(n: int) -> None:
     z = np.random.default_rng(1).standard_normal((n, 10)).astype(np.float32) * 4
     for t in (1.0, 1.7):
-        assert Softmax(z, t).rows() == Softmax(z, t).probabilities().tolist()
-        sm = Softmax(z, t)
-        _ = sm.scores  # computed first, then rows: the same bits
-        assert sm.rows() == Softmax(z, t).probabilities().tolist()
+        whole = Softmax(z, t).exp_rows()
+        assert [Softmax(z[i:i + 1], t).exp_rows()[0] for i in range(n)] == whole
+        assert np.allclose(whole, Softmax(z, t).probabilities(), rtol=1e-14, atol=0)
+        assert all(abs(sum(r) - 1) < 1e-12 for r in whole)
 
 
 def test_row_features_at_the_first_exit_and_after() -> None:

@@ -32,7 +32,8 @@ class PlanFeatures:
     def __init__(self, logits: np.ndarray, temperatures: Sequence[float] | None = None) -> None:
         self.num_exits, self.n = logits.shape[:2]
         temps = list(temperatures) if temperatures is not None else [1.0] * self.num_exits
-        self._probs = [Softmax(logits[k], temps[k]).rows() for k in range(self.num_exits - 1)]
+        self._probs = [Softmax(logits[k], temps[k]).exp_rows()
+                       for k in range(self.num_exits - 1)]
         self._cache: dict[tuple[int, tuple[int, ...]], Features] = {}
 
     def at(self, k: int, earlier: tuple[int, ...]) -> Features:

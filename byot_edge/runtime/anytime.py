@@ -374,7 +374,7 @@ class AnytimeModel:
             answer = None if k == num_exits else _mask(policy(step), len(h))
             answered = len(h) if answer is None else sum(answer)
             if earlier is not None and answered < len(h):
-                earlier = [*earlier, step.softmax(self._temperature(k)).rows()]
+                earlier = [*earlier, step.softmax(self._temperature(k)).exp_rows()]
             if not answered:
                 continue
             sm = step.softmax(self._temperature(k))  # the policy's, where it took one

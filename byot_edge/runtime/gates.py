@@ -9,11 +9,13 @@ a consistency classifier per exit). Its score, sigmoid(bias + weights . features
 choose its thresholds, and a threshold above 1 switches an exit off.
 
 The features are computed per row in Python floats, by this one function, both at run time
-and in calibration's offline replay: from the same probabilities (`Softmax.rows`, the same
-bits at any batch size) they give the same bits, so the runtime decides exactly as the
-replay did. An exit switched off (threshold above 1) is not computed, as under confidence
-thresholds, and the later gates read only the exits that were: calibration scores every
-plan with the features that plan gives, and fits each gate on the features of every plan.
+and in calibration's offline replay: from the same probabilities (`Softmax.exp_rows`, by
+math.exp: the same bits at any batch size, and no numpy call on the hot path) they give the
+same bits, so the runtime decides exactly as the replay did (on the same machine: another
+libm may round an exp differently in the last place, as another numpy build may). An exit
+switched off (threshold above 1) is not computed, as under confidence thresholds, and the
+later gates read only the exits that were: calibration scores every plan with the features
+that plan gives, and fits each gate on the features of every plan.
 
 The weights are plain numbers in the manifest (`Thresholds.gates`); no library is needed to
 run them, and the runtime stays free of torch.
@@ -43,47 +45,34 @@ FEATURES = (
 NUM_FEATURES = len(FEATURES)
 # sigmoid(z) is 1.0 in float64 above about 37 and math.exp overflows below -709.
 _Z_LIMIT = 700.0
+_fsum, _log, _exp = math.fsum, math.log, math.exp
 
 
-def _top_two(p: Sequence[float]) -> tuple[int, float, float]:
+def _top_two(p: list[float]) -> tuple[int, float, float]:
     """The first index of the largest value, the largest and the second largest."""
-    best, first, second = 0, -math.inf, -math.inf
-    for i, v in enumerate(p):
-        if v > first:
-            best, first, second = i, v, first
-        elif v > second:
-            second = v
-    return best, first, (second if second > -math.inf else 0.0)
+    if len(p) < 2:
+        return 0, p[0], 0.0
+    first, second = sorted(p)[-2:][::-1]
+    return p.index(first), first, second
 
 
-def row_features(p: Sequence[float], earlier: Sequence[Sequence[float]]) -> list[float]:
+def row_features(p: list[float], earlier: Sequence[list[float]]) -> list[float]:
     """The gate's features of one sample at exit k: `p` its probabilities there, `earlier`
-    its probabilities at the exits before (1..k-1, in order). Plain loops, so the sums run
-    in one order on every Python (the built-in sum is compensated from 3.12 on)."""
+    its probabilities at the exits computed before (in order). Sums are math.fsum, exactly
+    rounded, so they have the same bits on every Python and platform; C built-ins (sorted,
+    index, fsum) rather than Python loops keep it cheap at batch 1."""
     c, top, second = _top_two(p)
-    entropy = 0.0
-    for v in p:
-        if v > 0:
-            entropy -= v * math.log(v)
     n = len(p)
-    confident = 1.0 - entropy / math.log(n) if n > 1 else 1.0
+    entropy = -_fsum([v * _log(v) for v in p if v > 0])
+    confident = 1.0 - entropy / _log(n) if n > 1 else 1.0
     if not earlier:
         return [top, top - second, confident, 1.0, top, 1.0, top, 1.0, top - second]
-    agree = 0
-    for e in earlier:
-        if _top_two(e)[0] == c:
-            agree += 1
-    prev = earlier[-1]
-    ensemble = []
+    classes = [e.index(max(e)) for e in earlier]
     k = len(earlier) + 1
-    for j in range(n):
-        s = p[j]
-        for e in earlier:
-            s += e[j]
-        ensemble.append(s / k)
+    ensemble = [_fsum(col) / k for col in zip(p, *earlier, strict=True)]
     ec, em, es = _top_two(ensemble)
-    return [top, top - second, confident, 1.0 if _top_two(prev)[0] == c else 0.0, prev[c],
-            agree / len(earlier), em, 1.0 if ec == c else 0.0, em - es]
+    return [top, top - second, confident, 1.0 if classes[-1] == c else 0.0, earlier[-1][c],
+            classes.count(c) / len(earlier), em, 1.0 if ec == c else 0.0, em - es]
 
 
 def gate_score(features: Sequence[float], weights: Sequence[float], bias: float) -> float:
@@ -94,7 +83,7 @@ def gate_score(features: Sequence[float], weights: Sequence[float], bias: float)
     if z != z:  # NaN features (a NaN logit): never confident
         return 0.0
     z = min(max(z, -_Z_LIMIT), _Z_LIMIT)
-    return 1.0 / (1.0 + math.exp(-z))
+    return 1.0 / (1.0 + _exp(-z))
 
 
 @dataclass(frozen=True)
@@ -164,7 +153,7 @@ class ExitGates:
         gate = self.gates[step.exit - 1]  # type: ignore[attr-defined]
         earlier = step.earlier or []  # type: ignore[attr-defined]
         out = []
-        for i, p in enumerate(sm.rows()):
+        for i, p in enumerate(sm.exp_rows()):
             f = row_features(p, [e[i] for e in earlier])
             out.append(gate_score(f, gate.weights, gate.bias))
         return out

@@ -43,6 +43,7 @@ def check_criterion(criterion: str) -> str:
 _max = np.maximum.reduce
 _exp = np.exp
 _math_exp = math.exp
+_fsum = math.fsum
 # Softmaxes of at most this many logits are worked out in Python floats, larger ones in
 # numpy: right after an inference every numpy call costs tens of microseconds, more than
 # the arithmetic of a few rows; measured so, Python floats took 23 against 36 us for 1 x 10
@@ -65,8 +66,8 @@ class Softmax:
     validation set take the same decisions (tests/test_policies.py).
     """
 
-    __slots__ = ("_classes", "_e", "_logits", "_probabilities", "_rows", "_scores", "_shifted",
-                 "_sums")
+    __slots__ = ("_classes", "_e", "_exp_rows", "_logits", "_probabilities", "_rows", "_scores",
+                 "_shifted", "_sums", "_temperature")
 
     def __init__(self, logits: np.ndarray, temperature: float = 1.0) -> None:
         if type(logits) is not np.ndarray:
@@ -74,6 +75,8 @@ class Softmax:
         if logits.ndim != 2:
             logits = logits.reshape(-1, logits.shape[-1])
         self._logits = logits
+        self._temperature = temperature
+        self._exp_rows: list[list[float]] | None = None
         self._probabilities: np.ndarray | None = None
         self._scores: list[float] | None = None
         if logits.size > PYTHON_MAX_LOGITS:
@@ -155,16 +158,23 @@ class Softmax:
                 return [s >= t for s in rough]
         return [s >= t for s in self.scores]
 
-    def rows(self) -> list[list[float]]:
-        """The probabilities as one list of Python floats per row, the same bits as
-        `probabilities()` (what a learned gate reads, row by row)."""
-        if isinstance(self._probabilities, np.ndarray) or self._rows is None:
-            return self.probabilities().tolist()
-        if self._scores is None:
-            self._exact()
-        c = self._logits.shape[1]
-        e, sums = self._e, self._sums
-        return [[e[i * c + j] / s for j in range(c)] for i, s in enumerate(sums)]
+    def exp_rows(self) -> list[list[float]]:
+        """The probabilities by `math.exp`, one list of Python floats per row (computed once):
+        what the learned gates read. Not `probabilities()`' bits (numpy's exp differs from
+        math.exp in the last places), but the same bits for a row at any batch size and in
+        calibration, which computes them by this method too; and no numpy call at all, which
+        right after an inference costs more than the arithmetic (docs/design.md)."""
+        if self._exp_rows is None:
+            t = self._temperature
+            out = []
+            for row in (self._rows if self._rows is not None else self._logits.tolist()):
+                z = row if t == 1.0 else [v / t for v in row]
+                m = max(z)
+                e = [_math_exp(v - m) for v in z]
+                total = _fsum(e)  # exactly rounded: the same bits on every platform
+                out.append([v / total for v in e])
+            self._exp_rows = out
+        return self._exp_rows
 
     def probabilities(self) -> np.ndarray:
         """[n, C] float64 (computed once; do not modify it)."""
@@ -411,7 +421,7 @@ def simulate(logits: np.ndarray, policy: Policy,
         exits[active[answer]] = k
         preds[active[answer]] = z[answer].argmax(axis=-1)
         if earlier is not None:  # as the runtime keeps them: the samples that go on
-            rows = step.softmax(policy_temperature(policy, k)).rows()
+            rows = step.softmax(policy_temperature(policy, k)).exp_rows()
             keep = np.flatnonzero(~answer).tolist()
             earlier = [[r[i] for i in keep] for r in [*earlier, rows]]
         active = active[~answer]
