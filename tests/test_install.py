@@ -179,6 +179,35 @@ def test_runtime_without_the_training_stack(deploy):
     assert out["loaded"] == []
 
 
+def test_learned_gates_fit_and_run_without_the_training_stack(tmp_path_factory, tmp_path):
+    """Risk-controlled calibration with gates, then the gated cascade, where torch fails."""
+    folder = Path(shutil.copytree(deployed_model(tmp_path_factory).manifest.parent,
+                                  tmp_path / "deploy"))
+    raw = json.loads((folder / "manifest.json").read_text())
+    write_val_logits(folder / "val.npz", len(raw["exits"]), len(raw["class_names"]), 400,
+                     raw["dataset"])
+    code = """
+        import json, sys
+        import numpy as np
+        from byot_edge.calibrate import calibrate_manifest
+        from byot_edge.runtime.anytime import AnytimeModel
+        calibrate_manifest(sys.argv[1], sys.argv[2], criterion="gate", max_drop=1.0,
+                           delta=0.3)
+        with AnytimeModel.load(sys.argv[1], threads=1) as model:
+            x = np.zeros((3, *model.manifest.input.shape), np.float32)
+            out = {"policy": type(model.threshold_policy()).__name__,
+                   "guarantee": model.manifest.thresholds.guarantee["method"],
+                   "exits": [p.exit for p in model.predict(x)],
+                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}
+        print(json.dumps(out))
+    """
+    r = run_without_torch(code, str(folder / "manifest.json"), str(folder / "val.npz"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["policy"] == "ExitGates" and out["guarantee"] == "ltt"
+    assert len(out["exits"]) == 3 and out["loaded"] == []
+
+
 CLI = """
     import sys
     from byot_edge.cli import main
@@ -194,10 +223,14 @@ CLI = """
     ["calibrate", "{deploy}/manifest.json", "--logits", "{deploy}/val.npz", "--max-drop", "1"],
     ["calibrate", "{deploy}/manifest.json", "--data-dir", "{deploy}", "--backend",
      "onnxruntime", "--precision", "fp32", "--max-drop", "1", "--threads", "1"],
+    # Learned gates, fitted and then run (predict and bench below) without torch.
+    ["calibrate", "{deploy}/manifest.json", "--logits", "{deploy}/val.npz", "--max-drop", "1",
+     "--criterion", "gate", "--point"],
     ["predict", "{deploy}/manifest.json", "{image}", "--threads", "1"],
     ["bench", "{deploy}/manifest.json", "--backend", "onnxruntime", "--batch", "1", "--runs",
      "3", "--max-seconds", "0.2", "--out", "{deploy}/bench"],
-], ids=["help", "profile", "calibrate", "calibrate-engine", "predict", "bench"])
+], ids=["help", "profile", "calibrate", "calibrate-engine", "calibrate-gate", "predict",
+        "bench"])
 def test_deploy_commands_without_the_training_stack(deploy, tmp_path_factory, args):
     image = deployed_model(tmp_path_factory).images[0]
     argv = [a.format(deploy=deploy, image=image) for a in args]
