@@ -112,8 +112,6 @@ def plan_spans(manifest: Manifest, options: RepoOptions) -> list[tuple[int, int]
     th = manifest.thresholds
     if th is None or options.segments == "tensorrt":
         return []
-    if th.criterion == "gate":  # gates read every exit: segment by segment, no spans
-        return []
     plan = [k for k, v in enumerate(th.values, start=1) if v <= 1] + [manifest.num_exits]
     spans, prev = [], 0
     for k in plan:
