@@ -392,3 +392,30 @@ def test_a_bad_request_in_a_dynamic_batch_fails_alone(reference, images):
     assert answers[0].error is None and answers[0].outputs["exit"].shape == (2, 1)
     assert answers[0].outputs["exit"][:, 0].tolist() == reference.run(images[:2]).exits
     assert answers[6].error is None and answers[6].outputs["top_k_class"].shape == (1, 2)
+
+
+def test_the_triton_cascade_runs_learned_gates_as_the_runtime_does(deploy, tmp_path, images):
+    """A gated manifest through triton-repo's in-process cascade: the same exits as
+    AnytimeModel's (the gates' weights travel in the manifest the repository carries)."""
+    from byot_edge.runtime.gates import FEATURES, GATE, Gate
+    from byot_edge.triton.cascade import CascadeModel
+
+    folder = Path(shutil.copytree(deploy.parent, tmp_path / "deploy"))
+    manifest = load_manifest(folder)
+    k = manifest.num_exits
+    rng = np.random.default_rng(5)
+    gates = [Gate(tuple(rng.normal(0, 2, len(FEATURES)).tolist()), 0.0) for _ in range(k - 1)]
+    manifest.thresholds = Thresholds(GATE, [0.5, OFF, 0.4][:k - 1], source="test",
+                                     gates=[g.as_dict() for g in gates])
+    manifest.save()
+    write_repository(folder / "manifest.json", tmp_path / "repo", RepoOptions(
+        name="gated", mode="inprocess", threads=1, max_batch=16))
+    cascade = CascadeModel.from_args({"model_repository": str(tmp_path / "repo" / "gated")},
+                                     FakePb)
+    with AnytimeModel.load(folder / "manifest.json", threads=1) as reference:
+        want = reference.run(images)
+        answers = cascade.execute([FakeRequest(images[i:i + 1], "{}")
+                                   for i in range(len(images))])
+    assert [a.error for a in answers] == [None] * len(images)
+    assert [int(a.outputs["exit"][0, 0]) for a in answers] == want.exits
+    assert len(set(want.exits)) > 1
