@@ -187,3 +187,35 @@ def test_the_runtime_answers_as_the_replay_of_its_own_logits(tmp_path_factory) -
             assert [r.indices[0] for r in one] == sim.predictions.tolist()
             whole = model.run_policy(x, policy)  # one batch, compacted step by step
             assert whole.exits == sim.exits.tolist()
+
+
+def test_the_server_answers_with_the_manifests_gates(tmp_path_factory, tmp_path: Path) -> None:
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from byot_edge.runtime.server import ServeConfig, create_app
+
+    served = deployed_model(tmp_path_factory)
+    folder = deploy_copy(tmp_path_factory, tmp_path)
+    m = load_manifest(folder)
+    k = m.num_exits
+    cal = calibrate(logits(n=800, k=k, c=len(m.class_names)), Costs([1.0] * k, [1.0] * k),
+                    criterion=GATE, max_drop=1.0, delta=0.2)
+    write_thresholds(m, cal, "synthetic")
+    with AnytimeModel.load(folder / "manifest.json", threads=1) as model:
+        x = load_images(served.images, model.manifest.input)
+        want = model.run(x[:4]).exits
+        buf = io.BytesIO()
+        np.save(buf, x[:4])
+        with TestClient(create_app(model, ServeConfig())) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            r = client.post("/v1/predict", content=buf.getvalue(),
+                            headers={"Content-Type": "application/x-npy"})
+            assert r.status_code == 200, r.text
+            assert [p["exit"] for p in r.json()["predictions"]] == want
+            info = client.get("/v1/model").json()
+            assert info["thresholds"]["criterion"] == GATE
