@@ -139,12 +139,12 @@ def predict_command(
 def _promise(cal: Calibration) -> str:
     """What the chosen thresholds promise, in one line."""
     c, g = cal.chosen, cal.guarantee
+    versus = (f"{100 * c.accuracy:.2f}% against the deepest exit's "
+              f"{100 * cal.deepest_accuracy:.2f}% on these {cal.num_samples} samples")
     if g is None:
-        return (f"point estimate: {100 * (cal.deepest_accuracy - c.accuracy):.2f} points below "
-                f"the deepest exit on these {cal.num_samples} samples; on new data it can be "
-                "more (no guarantee: drop --point, or use --max-drop without a budget)")
-    return (f"guarantee ({g.method}): {g.describe()}; measured on all {cal.num_samples}: "
-            f"{100 * (cal.deepest_accuracy - c.accuracy):.2f} points below the deepest exit, "
+        return (f"point estimate: {versus}; on new data the drop can be larger (no guarantee: "
+                "drop --point, or use --max-drop without a budget)")
+    return (f"guarantee ({g.method}): {g.describe()}. Measured: {versus}, "
             f"{100 * (1 - c.agreement):.2f}% answered otherwise than it")
 
 
