@@ -202,3 +202,34 @@ def test_cli_calibrate_prints_its_guarantee_and_refuses_point_with_delta(
     r = runner.invoke(app, ["calibrate", str(m.root / "manifest.json"), "--logits",
                             str(logits), "--point", "--delta", "0.1"])
     assert r.exit_code == 2 and "--point" in r.output
+
+
+@pytest.mark.parametrize("criterion", ["max_softmax", "margin", "entropy"])
+@pytest.mark.parametrize("point", [True, False])
+def test_calibrating_confident_wrong_exits_writes_a_manifest_that_loads(
+        tmp_path: Path, criterion: str, point: bool) -> None:
+    # The reproduction behind msdnet's cut: early exits with a margin of 50 (a score of
+    # exactly 1.0) on 60% of the samples, all of them wrong; calibrate saves, and every
+    # later load must take what it saved.
+    from test_calibrate import small_manifest
+
+    from byot_edge.manifest import load_manifest
+
+    m = small_manifest(tmp_path)
+    rng = np.random.default_rng(0)
+    n, classes = 2000, 10
+    labels = rng.integers(0, classes, n)
+    logits = rng.standard_normal((4, n, classes)).astype(np.float32)
+    logits[3, np.arange(n), labels] += 8.0  # the deepest exit is right
+    confident = np.arange(n) < int(0.6 * n)
+    wrong = (labels + 1) % classes
+    logits[:3, confident, wrong[confident]] += 50.0
+    path = tmp_path / "val.npz"
+    np.savez(path, logits=logits, labels=labels, split="val", dataset="synthetic",
+             exits=np.arange(1, 5))
+    r = CliRunner().invoke(app, ["calibrate", str(m.root / "manifest.json"), "--logits",
+                                 str(path), "--max-drop", "0.5", "--criterion", criterion,
+                                 *(["--point"] if point else [])])
+    assert r.exit_code == 0, r.output
+    values = load_manifest(m.root).thresholds.values  # type: ignore[union-attr]
+    assert all(0 <= t <= 1 or t == THRESHOLD_OFF for t in values), values
