@@ -12,10 +12,11 @@ Ratios are int8 p50 / fp32 p50 from that one run.
 
 Then the cascades (`cascade_rows`): each folder is profiled at batch 1 and calibrated on its
 own files' logits over the validation split (`byot-edge calibrate --data-dir`, what a user
-runs on the target), the int8 cascade and the fp32 one are scored on the test split through
-the runtime, and timed at batch 1, interleaved with the fp32 deepest exit, one test image per
-call. `--reuse --cascade-only` re-measures the cascades on existing exports and keeps the
-per-exit rows of `--json`.
+runs on the target; with Learn-then-Test at `--delta`, 0.1 by default, as the CLI does),
+the int8 cascade and the fp32 one are scored on the test split through the runtime, and
+timed at batch 1, interleaved with the fp32 deepest exit, one test image per call.
+`--reuse --cascade-only` re-measures the cascades on existing exports and keeps the per-exit
+rows of `--json`.
 
 Targets (issue 16): int8 / fp32 latency <= 0.5 at batch 1; accuracy per exit within 0.5
 points of fp32; the int8 cascade's mean latency <= 0.25x the fp32 deepest exit's, within 0.5
@@ -128,11 +129,13 @@ def profile_and_calibrate(folder: Path, args: argparse.Namespace) -> dict[str, A
         store_profiles(manifest, profile_backend(be, [1], max_seconds=args.profile_seconds))
     cal = calibrate_engine(folder / "manifest.json", args.data_dir, backend="onnxruntime",
                            threads=args.threads, max_drop=args.max_drop,
+                           delta=args.delta or None,
                            save_logits=folder / "val_logits.engine.npz")
     th = load_manifest(folder).thresholds
     assert th is not None
     c = cal.chosen
     return {"thresholds": list(c.thresholds), "fitted_on": f"{th.backend} {th.precision}",
+            "guarantee": cal.guarantee.as_dict() if cal.guarantee else "point estimate",
             "source": th.source, "val_accuracy": c.accuracy,
             "val_deepest_accuracy": cal.deepest_accuracy,
             "val_expected_latency_ms": c.latency_ms, "val_exit_fractions": list(c.fractions)}
@@ -268,6 +271,8 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=None, help="first N test images only")
     p.add_argument("--max-drop", type=float, default=0.5,
                    help="cascades: accuracy points calibration may lose on validation")
+    p.add_argument("--delta", type=float, default=0.1,
+                   help="calibrate with Learn-then-Test at this delta (0: the point estimate)")
     p.add_argument("--profile-seconds", type=float, default=1.0,
                    help="cascades: `byot-edge profile --max-seconds` before calibrating")
     p.add_argument("--cascade-runs", type=int, default=2000,

@@ -14,7 +14,9 @@ For one model (a profiled deploy folder, its validation and test logits from `by
    candidate on its validation frontier is replayed on the test logits: test accuracy
    against expected latency, beside every exit alone and the consistency oracle (each
    sample answered at the first exit that agrees with the deepest one, priced with every
-   exit on). The gates are also compared with max softmax at the same expected latency.
+   exit on). The gates are also compared with max softmax at the same expected latency,
+   and every policy at a grid of latency budgets (each choosing on validation, measured on
+   test), beside whether answering with the running ensemble of exits 1..k would pay.
 3. **The runtime.** The chosen cascades run through `AnytimeModel` on the real test images
    (batch 1, taking turns block by block): measured mean latency and accuracy, and the
    runtime's exits and answers against an offline replay of the same backend's logits
@@ -184,6 +186,61 @@ def same_latency(val: ValLogits, test: ValLogits, costs: Costs, max_softmax: Cal
     return res
 
 
+def budget_grid(val: ValLogits, test: ValLogits, costs: Costs,
+                oracle_cost: float) -> dict[str, Any]:
+    """Every policy at a grid of expected-latency budgets (a share of the deepest exit's):
+    each chooses on the validation logits the best thresholds within the budget, measured
+    on the test logits. One budget's difference is within the test split's noise (a few
+    tenths of a point); summed over the grid it is steadier. The share of the gap closed is
+    over the budgets the oracle fits in, where it answers at the deepest exit's accuracy."""
+    from byot_edge.errors import ByotError
+
+    metric = "latency" if costs.latency_alone else "flops"
+    deepest_cost = (costs.latency_alone or costs.flops_alone)[-1]
+    deepest = float((test.logits[-1].argmax(1) == test.labels).mean())
+    shares = [round(float(s), 2) for s in np.arange(0.40, 0.951, 0.05)]
+    rows: dict[str, list[float | None]] = {name: [] for name in POLICIES}
+    for share in shares:
+        b = share * deepest_cost
+        kw_b = {"latency_budget_ms": b} if metric == "latency" else {"flops_budget": b}
+        for name, kw in POLICIES.items():
+            try:
+                cal = calibrate(val, costs, **kw, **kw_b)
+            except ByotError:  # no plan is that cheap
+                rows[name].append(None)
+                continue
+            c = held_out_evaluator(cal, test.logits, test.labels, costs)(cal.chosen.thresholds,
+                                                                          "t")
+            rows[name].append(c.accuracy)
+    base = rows["max_softmax"]
+    summary = {}
+    for name, accs in rows.items():
+        pairs = [(a, m, s) for a, m, s in zip(accs, base, shares, strict=True)
+                 if a is not None and m is not None]
+        fits = [(a, m) for a, m, s in pairs if s * deepest_cost >= oracle_cost]
+        gap = sum(deepest - m for _, m in fits)
+        summary[name] = {
+            "mean_gain_points": 100 * float(np.mean([a - m for a, m, _ in pairs])),
+            "wins": sum(a > m for a, m, _ in pairs), "losses": sum(a < m for a, m, _ in pairs),
+            "budgets": len(pairs),
+            "gap_closed": sum(a - m for a, m in fits) / gap if gap > 0 else None}
+    return {"metric": metric, "budget_shares": shares, "deepest_accuracy": deepest,
+            "oracle_cost_share": oracle_cost / deepest_cost, "test_accuracy": rows,
+            "summary": summary}
+
+
+def ensemble_answers(test: ValLogits) -> dict[str, list[float]]:
+    """Test accuracy at each exit of its own answer and of the running mean of the softmax
+    of exits 1..k (Zero Time Waste's ensemble): whether answering with the ensemble would
+    pay on this model."""
+    z = test.logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    mean = np.cumsum(p, axis=0) / np.arange(1, len(p) + 1)[:, None, None]
+    return {"exit_alone": [float((q.argmax(1) == test.labels).mean()) for q in p],
+            "running_ensemble": [float((q.argmax(1) == test.labels).mean()) for q in mean]}
+
+
 def policy_of(cal: Calibration, num_exits: int) -> Policy:
     if cal.gates is not None:
         return ExitGates.for_model(cal.gates, cal.chosen.thresholds, num_exits, cal.temperatures)
@@ -323,7 +380,14 @@ def main() -> None:
         same = same_latency(val, test, costs, cals["max_softmax"], args)
         gate_same = same.pop("gate_calibration")
         report["frontiers"], report["same_latency"] = front, same
+        report["ensemble_answers"] = ensemble_answers(test)
         save()
+        report["budget_grid"] = grid = budget_grid(val, test, costs, front["oracle"]["cost"])
+        save()
+        for name, g in grid["summary"].items():
+            say(f"budget grid {name:26s} mean gain {g['mean_gain_points']:+.2f} pts over "
+                f"max_softmax ({g['wins']} wins, {g['losses']} losses of {g['budgets']}), gap "
+                f"closed {g['gap_closed']}")
         if args.png:
             plot(front, args.png, f"{manifest.dataset} {manifest.model.get('arch')} x"
                                   f"{manifest.model.get('width')}: calibrated on validation, "
