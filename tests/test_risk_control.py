@@ -72,6 +72,28 @@ def test_fixed_sequence_stops_at_the_first_failure() -> None:
     assert fixed_sequence(seq[3:], "disagreement", 0.01, 0.1)[0] == -1
 
 
+def test_the_order_puts_candidates_with_small_bounds_first() -> None:
+    # The empirically least risky candidate loses and gains many answers (drop -0.2%) and
+    # its bound is wide; a conservative one changes a few. Ordered by empirical risk, the
+    # sequence would start, and stop, at the wide one; ordered by the bound, the
+    # conservative one goes first and the cheaper ones get tested after it.
+    from byot_edge.calibrate.candidates import Candidate
+    from byot_edge.calibrate.controlled import risk_frontier
+
+    def cand(cost: float, lost: int, gained: int) -> Candidate:
+        return Candidate("t", (cost,), 0.0, cost, None, (0.5, 0.5),
+                         risk=RiskCounts(2500, lost, gained, lost + gained))
+
+    from types import SimpleNamespace
+
+    ev = SimpleNamespace(seen={1: cand(0.9, 1, 0), 2: cand(0.8, 60, 65), 3: cand(0.6, 5, 2),
+                               4: cand(0.5, 70, 40)})
+    order = risk_frontier(ev, "drop", "flops", lambda c: True, 0.1)  # type: ignore[arg-type]
+    assert [c.flops for c in order] == [0.9, 0.6, 0.5]
+    i, _, _ = fixed_sequence([c.risk for c in order], "drop", 0.005, 0.1)  # type: ignore[misc]
+    assert order[i].flops == 0.6
+
+
 def population(n: int, seed: int) -> ValLogits:
     """Two exits: the deepest right 85% of the time; exit 1 right more often the more
     confident it is, so a threshold trades accuracy for cost with a known risk."""

@@ -2,8 +2,8 @@
 
 `calibrate.risk` holds the statistics; this module runs them over candidates. The searches
 (MSDNet's family and the greedy path) run on the `fit` part of the calibration samples; their
-frontier there (no candidate cheaper and less risky), from the most expensive to the
-cheapest, is the order; fixed-sequence testing on the `test` part picks the cheapest
+frontier there (no candidate cheaper and with a smaller risk bound), from the most expensive
+to the cheapest, is the order; fixed-sequence testing on the `test` part picks the cheapest
 candidate whose bound stays within the target. Every exit switched off (the deepest exit
 alone) has no risk at all, so it is the answer when not even the first candidate passes.
 """
@@ -15,23 +15,27 @@ from collections.abc import Callable
 import numpy as np
 
 from byot_edge.calibrate.candidates import Candidate, Evaluator
-from byot_edge.calibrate.risk import Guarantee, fixed_sequence
+from byot_edge.calibrate.risk import Guarantee, fixed_sequence, risk_bound
 from byot_edge.calibrate.search import MSDNET_P, greedy_path, msdnet_thresholds, threshold_grid
 from byot_edge.runtime.policies import NEVER
 
 
 def risk_frontier(ev: Evaluator, risk: str, metric: str,
-                  allowed: Callable[[Candidate], bool]) -> list[Candidate]:
-    """The candidates `ev` has seen that no other beats on both cost and empirical risk,
-    among those `allowed`, from the most expensive (least risky) to the cheapest."""
-    pts = sorted((c for c in ev.seen.values() if allowed(c) and c.risk is not None),
-                 key=lambda c: (c.cost(metric), c.risk.empirical(risk)))  # type: ignore[union-attr]
+                  allowed: Callable[[Candidate], bool], delta: float) -> list[Candidate]:
+    """The candidates `ev` has seen that no other beats on both cost and risk bound (at
+    `delta`, on `ev`'s samples), among those `allowed`, from the most expensive to the
+    cheapest. The bound, not the empirical risk, orders them: a candidate that changes
+    a few answers has a small bound and goes first, where one that loses and gains many
+    (an empirical risk near 0, but a wide bound) would fail the first test and stop the
+    sequence before any cheap candidate is tried."""
+    bounded = [(c, risk_bound(c.risk, risk, delta)) for c in ev.seen.values()
+               if allowed(c) and c.risk is not None]
+    bounded.sort(key=lambda cb: (cb[0].cost(metric), cb[1]))
     out, best = [], np.inf
-    for c in pts:
-        r = c.risk.empirical(risk)  # type: ignore[union-attr]
-        if r < best:
+    for c, b in bounded:
+        if b < best:
             out.append(c)
-            best = r
+            best = b
     return out[::-1]
 
 
@@ -55,7 +59,7 @@ def learn_then_test(ev: Evaluator, fit: np.ndarray, test: np.ndarray, *, risk: s
     ev_fit, ev_test = ev.subset(fit), ev.subset(test)
     search_fit(ev_fit, risk, metric, grid_size)
     off = tuple([NEVER] * (ev.num_exits - 1))
-    order = [c for c in risk_frontier(ev_fit, risk, metric, allowed) if c.thresholds != off]
+    order = [c for c in risk_frontier(ev_fit, risk, metric, allowed, delta) if c.thresholds != off]
     counts = [ev_test(c.thresholds, "ltt").risk for c in order]
     i, bound, tested = fixed_sequence(counts, risk, max_risk, delta)  # type: ignore[arg-type]
     thresholds = order[i].thresholds if i >= 0 else off
