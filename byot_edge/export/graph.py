@@ -12,6 +12,7 @@ others by construction. The numerical checks then compare each file with `trunca
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import warnings
 from dataclasses import dataclass
@@ -110,8 +111,26 @@ def capture(model: MultiExitNet, *, batch: int | None, opset: int | None = None,
                     + "; ".join(errors) + "); try another --opset or --exporter")
 
 
+# What `_dynamo` passes to torch.onnx.export: torch 2.4 and 2.5 take `dynamo=True` but not
+# all of these (auto then falls back to the TorchScript exporter).
+_DYNAMO_ARGUMENTS = ("dynamo", "external_data", "dynamic_shapes", "optimize", "report")
+
+
+def dynamo_unsupported() -> str | None:
+    """Why this torch's `torch.onnx.export` cannot run `_dynamo`, or None."""
+    missing = set(_DYNAMO_ARGUMENTS) - set(inspect.signature(torch.onnx.export).parameters)
+    if not missing:
+        return None
+    return (f"the dynamo exporter needs a newer torch (torch {torch.__version__}'s "
+            f"torch.onnx.export takes no {', '.join(sorted(missing))}); use --exporter "
+            "torchscript (or auto, which falls back to it), or upgrade torch")
+
+
 def _dynamo(module: nn.Module, example: torch.Tensor, outputs: list[str], batch: int | None,
             opset: int) -> onnx.ModelProto:
+    why = dynamo_unsupported()
+    if why:
+        raise ByotError(why)
     dynamic = None if batch else {"x": {0: torch.export.Dim(BATCH_AXIS)}}
     program = torch.onnx.export(
         module, (example,), None, dynamo=True, external_data=False, input_names=[INPUT],
