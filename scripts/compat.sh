@@ -7,7 +7,7 @@
 #    there, and the ones that need torch skip (tests/conftest.py). The server tests' model is
 #    exported beforehand by the main venv (scripts/compat_deployed.py).
 # 2. Training side: the main venv's torch beside the numpy floor (1.x), on its own Python;
-#    the data and training tests (not the slow ones).
+#    the data, training, int8 export, engine calibration and bench tests (not the slow ones).
 #
 # Needs the main .venv (scripts/setup.sh). Without a Python 3.10 (pyenv's, python3.10 on
 # PATH, or $COMPAT_PYTHON) part 1 is skipped with a message. Venvs go to $BYOT_COMPAT_DIR
@@ -88,14 +88,16 @@ else
 fi
 
 # Training side: numpy's floor beside the main venv's torch (no second copy of torch: its
-# packages are reached through a .pth, after this venv's own numpy).
+# packages are reached through a .pth, after this venv's own numpy, and matplotlib's floor,
+# since the main venv's needs a newer numpy).
 VENV=$DIR/train-numpy1
-NUMPY=$(grep -i '^numpy==' "$DIR/floors.txt")
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/floors.stamp" 2>/dev/null)" != "$NUMPY" ]; then
+OWN=$(grep -iE '^(numpy|matplotlib)==' "$DIR/floors.txt" | tr '\n' ' ')
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/floors.stamp" 2>/dev/null)" != "$OWN" ]; then
   rm -rf "$VENV"
   .venv/bin/python -m venv "$VENV"
-  pipq "$VENV/bin/python" -m pip install --only-binary=:all: "$NUMPY"
-  echo "$NUMPY" > "$VENV/floors.stamp"
+  # shellcheck disable=SC2086  # one word per requirement
+  pipq "$VENV/bin/python" -m pip install --only-binary=:all: $OWN
+  echo "$OWN" > "$VENV/floors.stamp"
   MAIN_SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
   OWN_SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
   echo "import site; site.addsitedir('$MAIN_SITE')" > "$OWN_SITE/zz_main_venv.pth"
@@ -103,5 +105,6 @@ fi
 echo "compat: training side with $("$VENV/bin/python" -c \
   'import numpy, torch, sys; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}")')"
 "$VENV/bin/python" -m pytest -p no:cacheprovider -m "not slow" "$@" \
-  tests/test_data.py tests/test_train.py tests/test_losses.py || status=1
+  tests/test_data.py tests/test_train.py tests/test_losses.py tests/test_export_int8.py \
+  tests/test_calibrate_engine.py tests/test_bench.py || status=1
 exit $status
