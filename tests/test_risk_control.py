@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from byot_edge.binomial import binomial_cdf, lower_bound, upper_bound
 from byot_edge.calibrate import Costs, ValLogits, calibrate, msdnet_thresholds
-from byot_edge.calibrate.risk import (
-    RiskCounts,
-    binomial_cdf,
-    fixed_sequence,
-    lower_bound,
-    risk_bound,
-    split_indices,
-    upper_bound,
-)
+from byot_edge.calibrate.risk import RiskCounts, fixed_sequence, risk_bound, split_indices
 from byot_edge.cli import app
 from byot_edge.errors import ByotError
 from byot_edge.manifest import THRESHOLD_OFF

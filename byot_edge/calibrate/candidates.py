@@ -33,6 +33,9 @@ class Candidate:
     worst_latency_ms: float | None = None
     # What risk control reads (calibrate/risk.py): counts over the `n` samples scored
     risk: RiskCounts | None = None
+    # Per exit 1..K: (samples answered there with the deepest exit's class, samples answered
+    # there): what the server's online audit compares live answers with (runtime/audit.py)
+    exit_agreement: tuple[tuple[int, int], ...] | None = None
 
     @property
     def agreement(self) -> float:
@@ -109,6 +112,14 @@ class Evaluator:
                           int((right & ~deepest_right).sum()),
                           int((~self.agree[e, cols]).sum()))
 
+    def _exit_agreement(self, e: np.ndarray,
+                        counts: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+        if self.agree is None:
+            return None
+        agreeing = np.bincount(e, weights=self.agree[e, np.arange(self.n)],
+                               minlength=self.num_exits)
+        return tuple((round(a), int(n)) for a, n in zip(agreeing, counts, strict=True))
+
     def _plan_costs(self, plan: Plan, metric: str) -> list[float]:
         if (plan, metric) not in self._plans:
             self._plans[plan, metric] = self.costs.plan_costs(plan, metric)
@@ -137,6 +148,6 @@ class Evaluator:
             latency = worst_latency = (self.costs.latency_alone[-1] if self.costs.latency_alone
                                        else None)
         c = Candidate(method, key, acc, flops, latency, tuple(float(v) for v in counts / self.n),
-                      worst_flops, worst_latency, self._risk(e))
+                      worst_flops, worst_latency, self._risk(e), self._exit_agreement(e, counts))
         self.seen[key] = c
         return c

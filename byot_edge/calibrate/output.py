@@ -20,6 +20,12 @@ def write_thresholds(manifest: Manifest, cal: Calibration, source: str,
         "worst_case_flops": c.worst_flops,
         **{f"exit{k}_fraction": f for k, f in enumerate(c.fractions, start=1)},
     }
+    # Per shallow exit, how often its answers agreed with the deepest exit's and on how
+    # many samples: what the server's audit (--audit-rate) holds live answers to.
+    for k, (agreeing, n) in enumerate((c.exit_agreement or ())[:-1], start=1):
+        if n:
+            expected[f"exit{k}_agreement"] = agreeing / n
+            expected[f"exit{k}_agreement_samples"] = float(n)
     if c.latency_ms is not None:
         expected["latency_ms"] = c.latency_ms
         expected["worst_case_latency_ms"] = float(c.worst_latency_ms or 0.0)

@@ -151,6 +151,15 @@ def serve_command(
     model_name: Annotated[str, typer.Option(
         help="The model's name on the Open Inference Protocol routes, /v2/models/NAME (a "
              "Triton client's model name).")] = "byot",
+    slo_ms: Annotated[float | None, typer.Option(
+        help="Degrade before dropping: every request whose exit is not fixed must be answered "
+             "within this many ms of its body arriving (its own deadline_ms when tighter); "
+             "under load answers come from shallower exits instead of late, and only a request "
+             "that not even exit 1 can answer in time gets 504.", show_default=False)] = None,
+    audit_rate: Annotated[float, typer.Option(
+        help="Share of the early answers also run to the deepest exit while the server is "
+             "idle, to watch their agreement against calibration's (/metrics: "
+             "byot_edge_audit_*; a drift alarm). 0: off.")] = 0.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an exported model over HTTP, answering each request from the shallowest
@@ -165,7 +174,8 @@ def serve_command(
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_upload_mb=max_upload_mb, max_bodies_mb=max_bodies_mb,
                          max_connections=max_connections, body_timeout_s=body_timeout_s,
-                         token=token, model_name=model_name)
+                         token=token, model_name=model_name, slo_ms=slo_ms,
+                         audit_rate=audit_rate)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)

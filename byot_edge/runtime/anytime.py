@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +102,23 @@ class AnytimeModel:
                                 probabilities)
 
     def run_checked(self, x: np.ndarray, options: PredictOptions,
-                    probabilities: bool = True) -> CascadeResult:
+                    probabilities: bool = True,
+                    time_left_ms: Sequence[float] | None = None) -> CascadeResult:
         """`run` without checking again what the caller checked: `x` as check_batch returns
-        it, `options` validated (a server checks each request once, on arrival)."""
+        it, `options` validated (a server checks each request once, on arrival).
+
+        `time_left_ms`: per sample, the time its request has left (a server's deadline, less
+        what the queue took). A cascade then stops each sample before its next step would
+        overrun that (as budget_ms does for the whole batch); a budget alone takes the
+        tightest; a fixed exit is not shortened."""
         notes: list[str] = [self._backend_note] if self._backend_note else []
         p = probabilities
+        budgets = _budgets(options.budget_ms, time_left_ms, len(x))
         if options.exit is not None:
             result = self._fixed(x, options.exit, "exit", p)
         elif options.budget_ms is not None and options.threshold is None:
-            result = self._fixed(x, self._exit_for_budget(len(x), options, notes), "budget", p)
+            tightest = replace(options, budget_ms=min(budgets)) if budgets else options
+            result = self._fixed(x, self._exit_for_budget(len(x), tightest, notes), "budget", p)
         else:
             policy = self.threshold_policy(options.threshold, options.criterion)
             if policy is not None and options.threshold is None:
@@ -118,8 +127,9 @@ class AnytimeModel:
                 notes.append("no thresholds given and none calibrated in the manifest: answering "
                              "from the deepest exit; run `byot-edge calibrate` or pass threshold")
                 result = self._fixed(x, self.num_exits, "exit", p)
-            elif options.budget_ms is not None:
-                result = self._cascade(x, Deadline(options.budget_ms, policy), options, notes,
+            elif budgets is not None:
+                budget = budgets if time_left_ms is not None else budgets[0]
+                result = self._cascade(x, Deadline(budget, policy), options, notes,
                                        probabilities=p)
             elif policy.active_exits(self.num_exits).full_network and self.backend.has(
                     artifact_name(EXIT, self.num_exits)):
@@ -285,6 +295,24 @@ class AnytimeModel:
             notes.append(lat.warning)
         return lat
 
+    def first_answer_ms(self, n: int, options: PredictOptions) -> float | None:
+        """By the profile (options.stat), the time a batch of n under `options` takes until
+        its first samples can be answered: the cascade's first step, or the fixed exit a
+        request names, or exit 1 under a budget alone. None without a profile. What a
+        server compares a request's time left with before running it."""
+        lat = self._profiled(n, options.stat, [])
+        if lat is None:
+            return None
+        if options.exit is not None:
+            return lat.exits[options.exit - 1]
+        policy = None if options.threshold is None and options.budget_ms is not None \
+            else self.threshold_policy(options.threshold, options.criterion)
+        if policy is None:  # a budget alone (exit 1 at least), or no thresholds (deepest)
+            return lat.exits[0] if options.budget_ms is not None else lat.exits[-1]
+        plan = policy.active_exits(self.num_exits)
+        step = lat.step_ms(plan, 0)
+        return step if step is not None else lat.exits[plan.exits[0] - 1]
+
     def _exit_for_budget(self, n: int, options: PredictOptions, notes: list[str]) -> int:
         """The deepest exit whose profiled latency (options.stat) fits the budget."""
         assert options.budget_ms is not None
@@ -370,7 +398,7 @@ class AnytimeModel:
             nxt = None
             if deadline and k < num_exits:
                 nxt = self._next_cost_ms(plan, j, len(h), (now - t_seg) * 1e3, options, notes)
-            step = Step(k, num_exits, logits, elapsed, nxt, earlier)
+            step = Step(k, num_exits, logits, elapsed, nxt, earlier, active)
             answer = None if k == num_exits else _mask(policy(step), len(h))
             answered = len(h) if answer is None else sum(answer)
             if earlier is not None and answered < len(h):
@@ -397,6 +425,18 @@ class AnytimeModel:
         assert result is not None  # the deepest step answers everyone
         result.calls, result.step_ms = calls, step_ms
         return result
+
+
+def _budgets(budget_ms: float | None, time_left_ms: Sequence[float] | None,
+             n: int) -> tuple[float, ...] | None:
+    """Per sample, the tighter of the request's budget and the time it has left; None
+    when neither is set."""
+    if time_left_ms is None:
+        return None if budget_ms is None else (budget_ms,) * n
+    if len(time_left_ms) != n:
+        raise ByotError(f"time_left_ms lists {len(time_left_ms)} samples for a batch of {n}")
+    cap = float("inf") if budget_ms is None else budget_ms
+    return tuple(min(cap, float(t)) for t in time_left_ms)
 
 
 def _mask(answer: Sequence[bool] | np.ndarray, n: int) -> list[bool]:

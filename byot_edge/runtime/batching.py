@@ -27,20 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from byot_edge.errors import ByotError
+from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
+from byot_edge.runtime.audit import Audit
 from byot_edge.runtime.metrics import ServerMetrics
 
 T = TypeVar("T")
@@ -49,6 +53,14 @@ log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log for
 
 class BatcherClosed(ByotError):
     """Raised by `submit` once the batcher is shutting down."""
+
+
+class DeadlineMissed(RequestError):
+    """A request whose deadline not even its first possible answer can meet: answered at
+    once with 504, rather than run late (docs/serving.md, "Deadlines")."""
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(504, detail, retry_after)
 
 
 # -- the inference thread ----------------------------------------------------------------
@@ -123,6 +135,9 @@ class Answer:
     # `probabilities`, ranked once per batch on the inference thread); None: unknown.
     ranked_classes: np.ndarray | None = None
     ranked_probabilities: np.ndarray | None = None
+    # With a deadline: the ms it still had when the answer was ready (negative: late)
+    deadline_left_ms: float | None = None
+    deadline_ms: float | None = None  # the deadline it was given (the server sets it)
 
 
 @dataclass
@@ -131,6 +146,12 @@ class _Job:
     options: PredictOptions
     future: asyncio.Future[Answer]
     submitted: float
+    deadline: float | None = None  # perf_counter seconds by which it must be answered
+
+    @property
+    def key(self) -> float:
+        """Earliest deadline first; requests without one after every one that has one."""
+        return math.inf if self.deadline is None else self.deadline
 
 
 @dataclass(frozen=True)
@@ -158,9 +179,18 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
         self.metrics = metrics
-        self._pending: deque[_Job] = deque()
+        # Waiting requests, earliest deadline first (then in arrival order): a heap of
+        # (deadline or inf, arrival number, job).
+        self._pending: list[tuple[float, int, _Job]] = []
+        self._arrivals = itertools.count()
+        self._with_deadline = 0  # of _pending
+        # (samples, options) -> first_answer_ms: the profile does not change while serving
+        self._first_ms: dict[tuple[int, PredictOptions], float] = {}
         self._samples = 0  # in _pending
         self._arrived = asyncio.Event()
+        # Set while nothing waits and nothing runs: when the audit may use the machine.
+        self.idle = asyncio.Event()
+        self.audit: Audit | None = None  # offered each batch's early answers
         self._closing = False
         self._receiving = 0  # requests being read or decoded, not yet submitted
         self._task: asyncio.Task[None] | None = None
@@ -215,17 +245,55 @@ class Batcher:
             if self._receiving == 0:  # a batch waiting for requests on their way can start
                 self._arrived.set()
 
-    async def submit(self, x: np.ndarray, options: PredictOptions) -> Answer:
+    def hopeless(self, options: PredictOptions, deadline: float, samples: int = 1,
+                 now: float | None = None) -> DeadlineMissed | None:
+        """Why a request with `deadline` (perf_counter seconds) cannot be answered in time
+        even by its first possible answer (by the profile, at `samples`), else None."""
+        now = time.perf_counter() if now is None else now
+        left_ms = (deadline - now) * 1e3
+        need_ms = self._first_answer_ms(samples, options)
+        if left_ms > need_ms:
+            return None
+        what = "the first exit it could answer from" if options.exit is None else \
+            f"exit {options.exit}"
+        return DeadlineMissed(
+            f"the deadline cannot be met: {max(left_ms, 0.0):.3g} ms were left and "
+            f"{what} takes {need_ms:.3g} ms here (by the latency profile); give a longer "
+            "deadline_ms, or retry when the server is less busy",
+            self.expected_wait_s() if left_ms > 0 else None)
+
+    def _first_answer_ms(self, samples: int, options: PredictOptions) -> float:
+        key = (samples, options)
+        ms = self._first_ms.get(key)
+        if ms is None:
+            try:
+                ms = self.model.first_answer_ms(samples, options) or 0.0
+            except ByotError:  # a profile without that timing: only a passed deadline counts
+                ms = 0.0
+            self._first_ms[key] = ms
+        return ms
+
+    async def submit(self, x: np.ndarray, options: PredictOptions,
+                     deadline: float | None = None) -> Answer:
         """x: a batch [n, C, H, W] as check_batch returns it, n <= max_batch; options:
-        validated. Neither is checked again (AnytimeModel.run_checked). Raises what the model
+        validated. Neither is checked again (AnytimeModel.run_checked). `deadline`:
+        perf_counter seconds by which the answer must be ready: the request waits in
+        earliest-deadline-first order, its cascade stops before overrunning it, and one that
+        cannot make it is refused (DeadlineMissed, a 504) at once. Raises what the model
         raised for this request's batch (e.g. ByotError for options the manifest cannot
         serve)."""
         if self._closing or not self.alive:
             raise BatcherClosed("the server is shutting down")
         if not 1 <= len(x) <= self.max_batch:
             raise ByotError(f"a request holds 1..{self.max_batch} samples, got {len(x)}")
+        if deadline is not None and (missed := self.hopeless(options, deadline, len(x))):
+            self._missed()
+            raise missed
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(x, options, future, time.perf_counter()))
+        self.idle.clear()
+        job = _Job(x, options, future, time.perf_counter(), deadline)
+        heapq.heappush(self._pending, (job.key, next(self._arrivals), job))
+        self._with_deadline += deadline is not None
         self._samples += len(x)
         self._gauge()
         if len(self._pending) == 1 or self._samples >= self.max_batch:
@@ -233,6 +301,10 @@ class Batcher:
         return await future  # a cancelled await cancels the future: the job is skipped
 
     # -- the worker ----------------------------------------------------------------------
+
+    def _missed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason="deadline").inc()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -248,7 +320,7 @@ class Batcher:
                 for options, group in groups.items():
                     await self._run(options, group)
         except BaseException as e:  # a bug here must not leave requests waiting forever
-            for job in [*(jobs or []), *self._pending]:
+            for job in [*(jobs or []), *(j for _, _, j in self._pending)]:
                 if not job.future.done():
                     job.future.set_exception(BatcherClosed(f"the batching worker stopped: {e!r}"))
             raise
@@ -259,8 +331,10 @@ class Batcher:
         while not self._pending:
             if self._closing:
                 return None
+            self.idle.set()
             self._arrived.clear()
             await self._arrived.wait()
+        self.idle.clear()
         deadline = time.perf_counter() + self.max_wait_s
         loop = asyncio.get_running_loop()
         while not self._closing and self._receiving > 0 and self._samples < self.max_batch:
@@ -275,21 +349,61 @@ class Batcher:
                 timer.cancel()
         jobs: list[_Job] = []
         samples = 0
-        while self._pending and samples + len(self._pending[0].x) <= self.max_batch:
-            job = self._pending.popleft()
+        now = time.perf_counter()
+        while self._pending and samples + len(self._pending[0][2].x) <= self.max_batch:
+            job = heapq.heappop(self._pending)[2]
             self._samples -= len(job.x)
-            if not job.future.done():  # its client went away
-                jobs.append(job)
-                samples += len(job.x)
+            self._with_deadline -= job.deadline is not None
+            if job.future.done():  # its client went away
+                continue
+            if job.deadline is not None and (missed := self.hopeless(
+                    job.options, job.deadline, len(job.x), now)):
+                self._missed()  # too late already: answered now, not after a run
+                job.future.set_exception(missed)
+                continue
+            jobs.append(job)
+            samples += len(job.x)
         self._gauge()
         return jobs
 
-    def _infer(self, x: np.ndarray, options: PredictOptions) -> _Run:
+    def _queue_cap_ms(self, now: float) -> float:
+        """How long the batch about to run may take so that every request still waiting
+        can be answered by its deadline at its first possible exit (by the profile,
+        max_batch at a time, earliest deadline first): the batch's share of a queue it
+        sees. Infinite when no waiting request has a deadline."""
+        cap = math.inf
+        if not self._with_deadline:
+            return cap
+        ahead = 0
+        for key, _, job in sorted(self._pending):
+            if key == math.inf:
+                break
+            ahead += len(job.x)
+            runs = -(-ahead // self.max_batch)
+            first = self._first_answer_ms(min(ahead, self.max_batch), job.options)
+            cap = min(cap, (key - now) * 1e3 - runs * first)
+        return cap
+
+    def _time_left(self, group: list[_Job], started: float) -> list[float] | None:
+        """Per sample of the batch, the ms its request has left (less what the requests
+        waiting behind it need); None when none of it has a deadline or waits behind it."""
+        cap = self._queue_cap_ms(started)
+        if cap == math.inf and all(job.deadline is None for job in group):
+            return None
+        left: list[float] = []
+        for job in group:
+            own = math.inf if job.deadline is None else (job.deadline - started) * 1e3
+            left += [min(own, cap)] * len(job.x)
+        return left
+
+    def _infer(self, x: np.ndarray, options: PredictOptions,
+               time_left_ms: list[float] | None = None) -> _Run:
         # The runtime's warnings are in result.warnings (each answer carries them); here
         # they go to the log, once each, and a `-W error` setting cannot fail a batch.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = self.model.run_checked(x, options)
+            result = (self.model.run_checked(x, options) if time_left_ms is None
+                      else self.model.run_checked(x, options, True, time_left_ms))
         for w in caught:
             if str(w.message) not in self._logged:
                 self._logged.add(str(w.message))
@@ -305,18 +419,22 @@ class Batcher:
     async def _run(self, options: PredictOptions, group: list[_Job]) -> None:
         x = group[0].x if len(group) == 1 else np.concatenate([j.x for j in group])
         started = time.perf_counter()
+        left = self._time_left(group, started)
         try:
-            run = await self.call(lambda: self._infer(x, options))
+            run = await self.call(lambda: self._infer(x, options, left))
         except Exception as e:  # this batch's requests fail; the worker goes on
             for job in group:
                 if not job.future.done():
                     job.future.set_exception(e)
             return
-        seconds = time.perf_counter() - started
+        answered = time.perf_counter()
+        seconds = answered - started
         self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
         result, probs = run.result, run.probabilities
         if self.metrics is not None:
             self.metrics.observe_batch(len(x), len(group), seconds, run.exit_counts)
+        if self.audit is not None:
+            self.audit.offer(x, result)
         at = 0
         for job in group:
             s = slice(at, at + len(job.x))
@@ -324,9 +442,13 @@ class Batcher:
             queue_ms = (started - job.submitted) * 1e3
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_ms / 1e3)
+            left = None if job.deadline is None else (job.deadline - answered) * 1e3
+            if left is not None and left < 0 and self.metrics is not None:
+                self.metrics.deadline_missed.inc()
             if not job.future.done():
                 job.future.set_result(Answer(
                     result.rows(s), None if probs is None else probs[s], len(x),
                     len(group), queue_ms,
                     None if run.ranked_classes is None else run.ranked_classes[s],
-                    None if run.ranked_probabilities is None else run.ranked_probabilities[s]))
+                    None if run.ranked_probabilities is None else run.ranked_probabilities[s],
+                    left))

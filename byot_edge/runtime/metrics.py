@@ -39,8 +39,12 @@ class ServerMetrics:
             "byot_edge_http_request_duration_seconds", "Server-side time from a request's "
             "arrival to its answer, by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS,
             registry=r)
-        self.rejected = Counter("byot_edge_rejected_requests", "Prediction requests answered "
-                                "503 before running, by reason", ["reason"], registry=r)
+        self.rejected = Counter("byot_edge_rejected_requests", "Prediction requests refused "
+                                "before running, by reason (deadline: 504, the others 503)",
+                                ["reason"], registry=r)
+        self.deadline_missed = Counter("byot_edge_deadline_missed", "Requests answered after "
+                                       "their deadline (the answer was ready too late)",
+                                       registry=r)
         self.exits = Counter("byot_edge_exits", "Samples answered, by the exit that answered",
                              ["exit"], registry=r)
         for k in range(1, num_exits + 1):  # every exit shows up, at 0, from the start
@@ -63,6 +67,22 @@ class ServerMetrics:
         self.in_flight = Gauge("byot_edge_requests_in_flight", "Prediction requests held by "
                                "the server (being read, waiting or running); bounded by "
                                "--max-queue", registry=r)
+        # The online audit (runtime/audit.py), per shallow exit
+        exit_label = ["exit"]
+        self.audit_samples = Counter("byot_edge_audit_samples", "Early answers audited: also "
+                                     "run to the deepest exit", exit_label, registry=r)
+        self.audit_agreement = Gauge("byot_edge_audit_agreement", "Share of the last audited "
+                                     "early answers that agree with the deepest exit",
+                                     exit_label, registry=r)
+        self.audit_expected = Gauge("byot_edge_audit_expected_agreement", "That share as "
+                                    "calibration measured it (NaN: not recorded)", exit_label,
+                                    registry=r)
+        self.audit_alarm = Gauge("byot_edge_audit_alarm", "1 while the live agreement is below "
+                                 "calibration's beyond both margins (drift)", exit_label,
+                                 registry=r)
+        self.audit_dropped = Counter("byot_edge_audit_dropped", "Samples dropped from a full "
+                                     "audit queue (the audit runs only when the server is "
+                                     "idle)", registry=r)
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.ready = Gauge("byot_edge_ready", "1 once the model is warm and answering",
                            registry=r)

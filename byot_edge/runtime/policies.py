@@ -245,6 +245,9 @@ class Step:
     # per exit computed before this one, each running sample's probabilities there (rows of
     # Python floats, aligned with `logits`); None for other policies.
     earlier: list[list[list[float]]] | None = None
+    # Where the samples still running sit in the batch the cascade started with (None: all
+    # of them, in order): what per-sample state such as a request's deadline is indexed by.
+    rows: list[int] | None = None
     # softmax(logits) by temperature, computed once per step: the policy scores with it and
     # the anytime model answers with it
     _softmax: dict[float, Softmax] = field(default_factory=dict, init=False, compare=False,
@@ -333,20 +336,33 @@ class ConfidenceThresholds:
 
 @dataclass(frozen=True)
 class Deadline:
-    """Wraps a policy: also answers everyone when the next step would overrun the budget.
+    """Wraps a policy: also answers a sample when the next step would overrun its budget.
 
-    The samples still running then answer from the exit just computed, the deepest (and so,
-    for a self-distilled network, the best) exit they have reached.
+    The samples that cannot afford the next step answer from the exit just computed, the
+    deepest (and so, for a self-distilled network, the best) exit they have reached.
+    `budget_ms`: one budget for the whole batch, or one per sample of the batch the cascade
+    started with (a server's requests in one batch each have their own time left), indexed
+    through `Step.rows`.
     """
 
-    budget_ms: float
+    budget_ms: float | tuple[float, ...]
     inner: Policy
 
     def __call__(self, step: Step) -> Sequence[bool] | np.ndarray:
-        if (step.exit < step.num_exits and step.next_cost_ms is not None
-                and step.elapsed_ms + step.next_cost_ms > self.budget_ms):
+        if step.exit == step.num_exits or step.next_cost_ms is None:
+            return self.inner(step)
+        finish = step.elapsed_ms + step.next_cost_ms
+        budget = self.budget_ms
+        if not isinstance(budget, tuple):
+            return _all(step, True) if finish > budget else self.inner(step)
+        rows = range(len(step.logits)) if step.rows is None else step.rows
+        late = [finish > budget[i] for i in rows]
+        if all(late):
             return _all(step, True)
-        return self.inner(step)
+        if not any(late):
+            return self.inner(step)
+        inner = self.inner(step)
+        return [a or bool(b) for a, b in zip(late, inner, strict=True)]
 
 
 def uses_earlier_exits(policy: Policy) -> bool:

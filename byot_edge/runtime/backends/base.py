@@ -99,6 +99,8 @@ class Backend(ABC):
     file_kinds: ClassVar[dict[str, str] | None] = None
     # Whether `_load` can build span{i}-{j} from segments i..j (see the module docstring).
     joins_segments: ClassVar[bool] = False
+    # Whether two threads may call `run` at once (the server's audit runs beside requests).
+    concurrent_runs: ClassVar[bool] = True
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest

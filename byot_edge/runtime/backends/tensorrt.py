@@ -281,6 +281,7 @@ class _Engine:
 class TensorRTBackend(Backend):
     name = "tensorrt"
     file_kinds: ClassVar[dict[str, str] | None] = {EXIT: TRUNCATED_TRT, SEGMENT: SEGMENT_TRT}
+    concurrent_runs: ClassVar[bool] = False  # one execution context and stream per engine
 
     def __init__(self, manifest: Manifest, device: str | None = None,
                  threads: int | None = None) -> None:

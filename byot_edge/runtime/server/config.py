@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from byot_edge.errors import ByotError
 from byot_edge.runtime.decode import Limits
+from byot_edge.runtime.server.deadlines import MAX_DEADLINE_MS
 from byot_edge.triton.protocol import DEFAULT_MODEL_NAME
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -38,6 +39,13 @@ class ServeConfig:
     # The model's name on the Open Inference Protocol routes (/v2/models/{name}/...), so a
     # client written for a Triton model of that name works unchanged.
     model_name: str = DEFAULT_MODEL_NAME
+    # Degrade before dropping: every request whose depth is not fixed gets this deadline
+    # (its own when tighter), so under load answers come from shallower exits rather than
+    # late (docs/serving.md, "Deadlines"). None: off.
+    slo_ms: float | None = None
+    # The online audit: this share of the samples answered before the deepest exit also
+    # run to it, off the request's path, to watch the exits' agreement (runtime/audit.py).
+    audit_rate: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {"max_batch": self.max_batch >= 1, "max_wait_ms": self.max_wait_ms >= 0,
@@ -57,6 +65,12 @@ class ServeConfig:
             raise ByotError(f"--max-bodies-mb {self.max_bodies_mb:g} is below --max-upload-mb "
                             f"{self.max_upload_mb:g}: the server could not take one upload at "
                             "the limit; raise it (or leave it unset)")
+        if self.slo_ms is not None and not (0 < self.slo_ms <= MAX_DEADLINE_MS):
+            raise ByotError(f"--slo-ms must be a number of milliseconds in (0, "
+                            f"{MAX_DEADLINE_MS:g}], got {self.slo_ms}")
+        if not 0 <= self.audit_rate <= 1:
+            raise ByotError(f"--audit-rate is the share of early answers to audit, in [0, 1] "
+                            f"(e.g. 0.02), got {self.audit_rate}")
         if not MODEL_NAME.fullmatch(self.model_name):
             raise ByotError(f"invalid model name {self.model_name!r} (--model-name): use "
                             "letters, digits, '.', '_' and '-', as a URL path segment, "

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
-from byot_edge.runtime.batching import Answer, Batcher, BatcherClosed
+from byot_edge.runtime.audit import Audit
+from byot_edge.runtime.batching import Answer, Batcher, BatcherClosed, InferenceThread
 from byot_edge.runtime.metrics import ServerMetrics
 from byot_edge.runtime.server.budget import BodyBudget, BodyHold
 from byot_edge.runtime.server.config import ServeConfig
+from byot_edge.runtime.server.deadlines import tightest
 
 log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log format
 
@@ -41,9 +44,17 @@ class ServerContext:
     # The bytes of bodies being read or decoded, server-wide (config.max_bodies_bytes).
     bodies: BodyBudget = field(init=False)
     _warming: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    # The online audit (--audit-rate): its task and the thread it runs the deepest exit on
+    audit: Audit | None = field(default=None, init=False)
+    _auditing: tuple[asyncio.Task[None], InferenceThread] | None = field(
+        default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.bodies = BodyBudget(self.config.max_bodies_bytes, self.metrics)
+        if self.config.audit_rate and not self.model.backend.concurrent_runs:
+            raise ByotError(f"--audit-rate runs the deepest exit beside the requests, and the "
+                            f"{self.model.backend.name} backend runs one inference at a time; "
+                            "serve without --audit-rate, or audit with the onnxruntime backend")
 
     # -- life cycle (the app's lifespan) -------------------------------------------------
 
@@ -61,6 +72,11 @@ class ServerContext:
             await self.batcher.close()  # runs what is queued first
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()
+        if self._auditing is not None:
+            task, thread = self._auditing
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.get_running_loop().run_in_executor(None, thread.shutdown)
 
     async def _warm(self, batcher: Batcher) -> None:
         model, config = self.model, self.config
@@ -73,6 +89,11 @@ class ServerContext:
             self.not_ready = f"warmup failed: {e}"
             log.error("the model failed to warm up, /readyz stays 503: %s", e)
             return
+        if config.audit_rate:  # once warm: the audit never runs before the first request
+            self.audit = batcher.audit = Audit(model, config.audit_rate, self.metrics)
+            thread = InferenceThread("byot-audit")
+            self._auditing = (asyncio.create_task(self.audit.run(batcher.idle, thread.call)),
+                              thread)
         self.ready = True
         self.metrics.ready.set(1)
         log.info("model warm: %s on %s, %d exits", model.backend.name, model.backend.device,
@@ -101,14 +122,17 @@ class ServerContext:
 
     async def predict(self, options: PredictOptions | Callable[[], PredictOptions],
                       read: Callable[[BodyHold], Awaitable[bytes]],
-                      decode: Callable[[bytes], Awaitable[np.ndarray]]) -> Answer:
+                      decode: Callable[[bytes], Awaitable[np.ndarray]],
+                      deadline_ms: float | Callable[[], float | None] | None = None) -> Answer:
         """The path of every prediction: 503 unless ready; `read(hold)` the body while
         holding no queue slot (slow uploads cannot fill the queue) but its bytes in the
         server's body budget (`hold.reserve`: 503 when spent; a reader that does not
         reserve is charged what it returns); a slot, 503 when max_queue are held;
         `decode(body)` into a checked batch (decode_body), after which the body's bytes
-        are released; the batcher. `options`: validated, or a function giving them once
-        the body is decoded (the /v2 API's are in its body)."""
+        are released; the batcher. `options` and `deadline_ms` (the request's own, parsed;
+        the SLO's is added here): as given, or functions giving them once the body is
+        decoded (the /v2 API's are in its body). A deadline counts from when the body is
+        in; one that cannot be met is a 504 at once (batching.DeadlineMissed)."""
         batcher = self._ready_batcher()
         with batcher.receiving(), self.bodies.hold() as hold:  # the batch may wait for it
             self.metrics.receiving.inc()
@@ -116,6 +140,7 @@ class ServerContext:
                 body = await read(hold)
             finally:
                 self.metrics.receiving.dec()
+            received = time.perf_counter()
             hold.reserve(len(body))
             self._take_slot(batcher)
             try:
@@ -125,8 +150,13 @@ class ServerContext:
                 raise
             del body  # what the budget counted: gone once decoded
         try:
-            return await self._submit(batcher, x, options if isinstance(options, PredictOptions)
-                                      else options())
+            chosen = options if isinstance(options, PredictOptions) else options()
+            own = deadline_ms() if callable(deadline_ms) else deadline_ms
+            ms = tightest(own, self.config.slo_ms if chosen.exit is None else None)
+            if ms is None:
+                return await self._submit(batcher, x, chosen)
+            answer = await self._submit(batcher, x, chosen, received + ms / 1e3)
+            return replace(answer, deadline_ms=ms)
         finally:
             self._free_slot()
 
@@ -150,12 +180,13 @@ class ServerContext:
         self.admitted -= 1
         self.metrics.in_flight.dec()
 
-    async def _submit(self, batcher: Batcher, x: np.ndarray, options: PredictOptions) -> Answer:
+    async def _submit(self, batcher: Batcher, x: np.ndarray, options: PredictOptions,
+                      deadline: float | None = None) -> Answer:
         try:
-            return await batcher.submit(x, options)
+            return await batcher.submit(x, options, deadline)
         except BatcherClosed as e:
             raise RequestError(503, f"{e}; retry on another replica or in a moment", 1) from None
-        except ByotError:
+        except ByotError:  # DeadlineMissed (504) among them
             raise
         except Exception:  # the backend failed (a bug, a device error): log it, answer 500
             log.exception("the model failed on a batch")

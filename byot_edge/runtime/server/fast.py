@@ -40,6 +40,7 @@ from byot_edge.runtime.decode import (
 from byot_edge.runtime.policies import CRITERIA
 from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
+from byot_edge.runtime.server.deadlines import HEADER, MAX_DEADLINE_MS
 from byot_edge.runtime.server.encode import JSON_HEADERS, error_parts, predict_document, to_json
 from byot_edge.runtime.server.http import Receive, read_asgi_body
 from byot_edge.timing import STATS
@@ -76,9 +77,10 @@ def parse_query(query: bytes, num_exits: int, num_classes: int) -> dict[str, Any
             continue
         if key in out:
             return None
-        if key == "budget_ms":
+        if key in ("budget_ms", "deadline_ms"):
             value: Any = _float(text)
-            ok = value is not None and value > 0
+            ok = value is not None and value > 0 and (
+                key == "budget_ms" or value <= MAX_DEADLINE_MS)
         elif key in ("exit", "top_k"):
             value = int(text) if _INT.match(text) else None
             ok = value is not None and value <= (num_exits if key == "exit" else num_classes)
@@ -123,8 +125,15 @@ class FastPredict:
         media = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
         if media == MULTIPART_TYPE.encode():
             return None
-        return parse_query(scope.get("query_string", b""), self.num_exits,
-                           len(self.class_names))
+        query = parse_query(scope.get("query_string", b""), self.num_exits,
+                            len(self.class_names))
+        header = _header(scope, HEADER.encode())
+        if query is not None and header is not None:
+            value = _float(header.decode("latin-1"))
+            if value is None or not 0 < value <= MAX_DEADLINE_MS:
+                return None  # the route answers 400 with its message
+            query["deadline_ms"] = min(value, query.get("deadline_ms", value))
+        return query
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send,
                        query: dict[str, Any]) -> None:
@@ -164,6 +173,6 @@ class FastPredict:
             # parsing JSON and decoding images take long enough to stall the loop
             return await run_in_threadpool(decode_body, media, body, None, spec, limits)
 
-        answer = await ctx.predict(options, read, decode)
+        answer = await ctx.predict(options, read, decode, query.get("deadline_ms"))
         k = query.get("top_k") or min(config.default_top_k, len(self.class_names))
         return to_json(predict_document(answer, self.class_names, k, t0))

@@ -34,6 +34,8 @@ from byot_edge.runtime.decode import JSON_VALUE_BYTES, check_json_values, json_v
 from byot_edge.runtime.preprocess import check_batch
 from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
+from byot_edge.runtime.server.deadlines import HEADER as DEADLINE_HEADER
+from byot_edge.runtime.server.deadlines import parse_deadline_ms, tightest
 from byot_edge.runtime.server.http import read_body
 from byot_edge.triton.config import DATATYPES, WIRE_DATATYPES
 from byot_edge.triton.protocol import (
@@ -126,9 +128,10 @@ def _output_choice(doc: dict[str, Any], produced: Sequence[str]) -> list[tuple[s
     return out
 
 
-def encode_response(name: str, doc: dict[str, Any],
-                    tensors: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
-    """The response body, JSON then the binary outputs, and its headers."""
+def encode_response(name: str, doc: dict[str, Any], tensors: dict[str, np.ndarray],
+                    parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """The response body, JSON then the binary outputs, and its headers; `parameters`:
+    the response's own (the deadline's), if any."""
     wire = {n: w for n, w, _, _ in OUTPUTS}
     outputs, blobs = [], []
     for out_name, binary in _output_choice(doc, list(tensors)):
@@ -142,8 +145,11 @@ def encode_response(name: str, doc: dict[str, Any],
         else:
             entry["data"] = a.ravel().tolist()
         outputs.append(entry)
-    header = json.dumps({"model_name": name, "model_version": "1", "id": doc.get("id", ""),
-                         "outputs": outputs}).encode()
+    response: dict[str, Any] = {"model_name": name, "model_version": "1",
+                                "id": doc.get("id", "")}
+    if parameters:
+        response["parameters"] = parameters
+    header = json.dumps({**response, "outputs": outputs}).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {"content-type": "application/octet-stream",
@@ -180,18 +186,20 @@ def decode_request(body: bytes, header_length: str | None,
 
 
 def parse_infer(body: bytes, header_length: str | None, model: AnytimeModel,
-                max_values: int) -> tuple[np.ndarray, Request, dict[str, Any]]:
-    """An infer request's checked batch, its parameters, and what of its JSON document
-    the answer needs (id, outputs, parameters: not the input's data). Its JSON may hold
-    `max_values` values (413 past that)."""
+                max_values: int) -> tuple[np.ndarray, Request, dict[str, Any], float | None]:
+    """An infer request's checked batch, its parameters, what of its JSON document the
+    answer needs (id, outputs, parameters: not the input's data), and its deadline_ms
+    parameter (the server's, not the Triton model's). Its JSON may hold `max_values`
+    values (413 past that)."""
     doc, binary = decode_request(body, header_length, max_values)
     params = {k: v for k, v in _object(doc.get("parameters"), "the request's parameters")
               .items() if k not in TRANSPORT_PARAMETERS}
+    deadline = parse_deadline_ms(params.pop("deadline_ms", None), "parameter deadline_ms")
     parsed = parse_parameters(params, model.num_exits, len(model.class_names))
     # Outputs named that this request will not produce are refused before it runs.
     _output_choice(doc, [n for n, *_ in OUTPUTS if parsed.top_k or not n.startswith("top_k")])
     x = _input_tensor(doc, binary, model)
-    return x, parsed, {k: doc[k] for k in ("id", "outputs", "parameters") if k in doc}
+    return x, parsed, {k: doc[k] for k in ("id", "outputs", "parameters") if k in doc}, deadline
 
 
 def model_metadata(model: AnytimeModel, name: str) -> dict[str, Any]:
@@ -257,7 +265,8 @@ def oip_router(ctx: ServerContext) -> APIRouter:
         if (missing := known(model_name)) is not None:
             return missing
         header_length = request.headers.get(HEADER_LENGTH)
-        decoded: list[tuple[Request, dict[str, Any]]] = []  # by decode: parameters, doc
+        # by decode: parameters, doc, the deadline parameter
+        decoded: list[tuple[Request, dict[str, Any], float | None]] = []
 
         async def read(hold: BodyHold) -> bytes:
             body = await read_body(request, config.max_upload_bytes, config.body_timeout_s,
@@ -271,19 +280,24 @@ def oip_router(ctx: ServerContext) -> APIRouter:
             # The options are in the body: parsed with the tensor, once the body is in
             # and the request holds a queue slot, as /v1/predict decodes.
             if len(body) <= INLINE_HEADER_BYTES:
-                x, parsed, doc = parse_infer(body, header_length, model, max_values)
+                x, parsed, doc, deadline = parse_infer(body, header_length, model, max_values)
             else:  # parsing a large JSON document would stall the loop
-                x, parsed, doc = await run_in_threadpool(parse_infer, body, header_length,
-                                                         model, max_values)
-            decoded.append((parsed, doc))
+                x, parsed, doc, deadline = await run_in_threadpool(
+                    parse_infer, body, header_length, model, max_values)
+            decoded.append((parsed, doc, deadline))
             return x
 
         try:
-            answer = await ctx.predict(lambda: decoded[0][0].options, read, decode)
-            parsed, doc = decoded[0]
+            header = parse_deadline_ms(request.headers.get(DEADLINE_HEADER), "X-Deadline-Ms")
+            answer = await ctx.predict(lambda: decoded[0][0].options, read, decode,
+                                       lambda: tightest(decoded[0][2], header))
+            parsed, doc, _ = decoded[0]
             tensors = answer_tensors(answer.result, parsed.top_k,
                                      probabilities=answer.probabilities)
-            content, headers = encode_response(name, doc, tensors)
+            deadline = (None if answer.deadline_ms is None else
+                        {"deadline_ms": answer.deadline_ms,
+                         "deadline_left_ms": answer.deadline_left_ms})
+            content, headers = encode_response(name, doc, tensors, deadline)
         except RequestError as e:  # the server's own refusals (busy, too big, not ready)
             return error(e.status, e.detail, e.retry_after)
         except ByotError as e:

@@ -23,6 +23,7 @@ from byot_edge.runtime.decode import (
 )
 from byot_edge.runtime.server.budget import BodyHold
 from byot_edge.runtime.server.context import ServerContext
+from byot_edge.runtime.server.deadlines import HEADER, parse_deadline_ms, tightest
 from byot_edge.runtime.server.encode import predict_document, to_json
 from byot_edge.runtime.server.http import form_parts, read_body
 from byot_edge.runtime.server.schemas import (
@@ -36,7 +37,7 @@ from byot_edge.runtime.server.schemas import (
     model_info,
 )
 
-QUERY_OPTIONS = ("threshold", "budget_ms", "exit", "top_k", "criterion", "stat")
+QUERY_OPTIONS = ("threshold", "budget_ms", "exit", "top_k", "criterion", "stat", "deadline_ms")
 
 
 def predict_router(ctx: ServerContext) -> APIRouter:
@@ -72,6 +73,12 @@ def predict_router(ctx: ServerContext) -> APIRouter:
             description="Confidence criterion (default: the calibrated one).")] = None,
         stat: Annotated[Literal["p50", "p90", "p99", "mean"], Query(
             description="Profiled latency statistic a budget is compared with.")] = "p50",
+        # Text, checked here: a bad deadline is a 400 that says what a deadline is.
+        deadline_ms: Annotated[str | None, Query(
+            description="Milliseconds, from when the server has the body, by which the "
+                        "answer must be ready: the cascade stops in time, and a request "
+                        "that cannot make it is answered 504 at once. Also the "
+                        "X-Deadline-Ms header (the tighter holds).")] = None,
     ) -> PredictResponse:
         """Classify an image or a tensor; options go in the query string."""
         t0 = time.perf_counter()
@@ -80,6 +87,8 @@ def predict_router(ctx: ServerContext) -> APIRouter:
             raise RequestError(422, f"unknown query parameter(s) {unknown}; known: "
                                     f"{', '.join(QUERY_OPTIONS)}")
         options = ctx.options(threshold, budget_ms, exit_, criterion, stat)
+        deadline = tightest(parse_deadline_ms(deadline_ms, "deadline_ms"),
+                            parse_deadline_ms(request.headers.get(HEADER), "X-Deadline-Ms"))
         media = media_type(request.headers.get("content-type", ""))
 
         limit, too_big = max_body(media, spec, limits, config.max_upload_bytes)
@@ -97,7 +106,7 @@ def predict_router(ctx: ServerContext) -> APIRouter:
             # parsing JSON and decoding images take long enough to stall the loop
             return await run_in_threadpool(decode_body, media, body, parts, spec, limits)
 
-        answer = await ctx.predict(options, read, decode)
+        answer = await ctx.predict(options, read, decode, deadline)
         k = top_k or min(config.default_top_k, num_classes)
         # The bytes directly (PredictResponse documents them): FastAPI would validate and
         # serialise a model per sample and per class again.

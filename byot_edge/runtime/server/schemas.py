@@ -41,6 +41,12 @@ class PredictResponse(BaseModel):
     queue_ms: float = Field(description="Time waiting for its batch to start.")
     batch_size: int = Field(description="Samples in the model run that answered it.")
     warnings: list[str] = Field(default_factory=list)
+    deadline_ms: float | None = Field(
+        None, description="The deadline this request was held to (its own, or the server's "
+                          "--slo-ms), counted from when its body was in; null: none.")
+    deadline_left_ms: float | None = Field(
+        None, description="How much of the deadline was left when the answer was ready "
+                          "(negative: late); null without a deadline.")
 
 
 class ExitSummary(BaseModel):
