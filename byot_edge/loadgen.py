@@ -213,6 +213,86 @@ def run_load(url: str, clients: int, requests: int, seconds: float, payloads: li
     return asyncio.run(_load(url, clients, requests, seconds, payloads, params or {}, token))
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One open-loop request: which payload, when it was due, and what came back."""
+
+    payload: int
+    due_s: float  # from the run's start
+    status: int  # 0: no answer (connection failed, or the client gave up)
+    latency_ms: float  # from when it was due (not when it could be sent) to its answer
+    exits: tuple[int, ...] = ()  # 200 only: per sample, the exit that answered
+    classes: tuple[int, ...] = ()  # 200 only: per sample, the class answered
+
+
+async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[Payload],
+                     target: str, headers: dict[str, str], seed: int, timeout_s: float,
+                     max_connections: int) -> list[Sent]:
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1 / rate_rps, int(rate_rps * seconds * 1.5) + 16)
+    due = np.cumsum(gaps)
+    due = due[due < seconds]
+    order = rng.integers(0, len(payloads), len(due))
+    idle: list[Connection] = []
+    sent: list[Sent] = []
+    open_connections = 0
+    t0 = time.perf_counter()
+
+    async def one(i: int, at: float) -> None:
+        nonlocal open_connections
+        if idle:
+            conn = idle.pop()
+        elif open_connections < max_connections:
+            conn, open_connections = Connection(url), open_connections + 1
+        else:  # the client's own limit: counted as no answer, never hidden
+            sent.append(Sent(int(order[i]), at, 0, float("nan")))
+            return
+        p = payloads[int(order[i])]
+        try:
+            status, _, data = await asyncio.wait_for(conn.request(
+                "POST", target, p.content, {"Content-Type": p.content_type, **headers}),
+                timeout_s)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+            await conn.close()
+            open_connections -= 1
+            sent.append(Sent(int(order[i]), at, 0, (time.perf_counter() - t0 - at) * 1e3))
+            return
+        ms = (time.perf_counter() - t0 - at) * 1e3
+        idle.append(conn)
+        exits: tuple[int, ...] = ()
+        classes: tuple[int, ...] = ()
+        if status == 200:
+            preds = json.loads(data)["predictions"]
+            exits = tuple(q["exit"] for q in preds)
+            classes = tuple(q["index"] for q in preds)
+        sent.append(Sent(int(order[i]), at, status, ms, exits, classes))
+
+    tasks = []
+    for i, at in enumerate(due):
+        wait = at - (time.perf_counter() - t0)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(i, float(at))))
+    await asyncio.gather(*tasks)
+    for conn in idle:
+        await conn.close()
+    return sent
+
+
+def run_open_loop(url: str, rate_rps: float, seconds: float, payloads: list[Payload],
+                  params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                  *, seed: int = 0, timeout_s: float = 10.0,
+                  max_connections: int = 512) -> list[Sent]:
+    """Open-loop load: requests arrive on a Poisson schedule of `rate_rps` for `seconds`,
+    each sent when it is due whether or not earlier ones were answered (a server that
+    falls behind is not slowed down by its clients, as closed-loop clients would), each
+    on an idle keep-alive connection or a new one (up to `max_connections`). Latency counts
+    from when a request was due."""
+    target = "/v1/predict" + (f"?{urlencode(params)}" if params else "")
+    return asyncio.run(_open_loop(url, rate_rps, seconds, payloads, target, headers or {},
+                                  seed, timeout_s, max_connections))
+
+
 def npy_payloads(x: np.ndarray) -> list[Payload]:
     """One .npy request per sample of `x`."""
     out = []

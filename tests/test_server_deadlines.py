@@ -330,3 +330,18 @@ def test_the_audit_offers_only_early_answers_and_drops_the_oldest_when_full() ->
     audit.offer(np.arange(4.0).reshape(4, 1), result)
     assert len(audit._queue) == 3
     assert "byot_edge_audit_dropped_total 3.0" in metrics.render().decode()
+
+
+def test_the_open_loop_client_sends_on_schedule_and_records_each_answer(
+        deployed: Deployed, x: np.ndarray) -> None:
+    from byot_edge import loadgen
+
+    with AnytimeModel.load(deployed.manifest, threads=1) as model, serving(model) as c:
+        sent = loadgen.run_open_loop(str(c.base_url).rstrip("/"), 80.0, 1.0,
+                                     loadgen.npy_payloads(x), {"deadline_ms": 500}, seed=1)
+    assert 50 < len(sent) < 120  # Poisson, 80 a second for 1 s
+    assert {s.status for s in sent} == {200}
+    due = [s.due_s for s in sorted(sent, key=lambda s: s.due_s)]
+    assert due[0] >= 0 and due[-1] < 1.0
+    assert all(s.latency_ms > 0 and len(s.exits) == 1 and 0 <= s.payload < len(x)
+               for s in sent)
