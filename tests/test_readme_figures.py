@@ -214,3 +214,36 @@ def test_the_quickstart_time_the_readme_quotes_is_the_runs():
                             re.S)
     seconds = json.loads((RESULTS / "quickstart.json").read_text())["seconds"]
     assert minutes == f"{seconds / 60:.1f}", (minutes, seconds)
+
+
+def _summary_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart_summary",
+                                                  REPO / "scripts" / "quickstart_summary.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_quickstart_tables_are_the_summarys():
+    # docs/results.md's quickstart tables are `quickstart_summary.py --tables` output, not typed.
+    printed = _summary_module().tables(json.loads((RESULTS / "quickstart.json").read_text()))
+    results = (REPO / "docs" / "results.md").read_text()
+    for table in printed.split("\n\n"):
+        assert table in results, table
+
+
+def test_the_quickstart_summary_is_assembled_from_the_runs_files(tmp_path: Path):
+    # A run folder rebuilt from the committed summary's own parts gives the same summary.
+    s = json.loads((RESULTS / "quickstart.json").read_text())
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "test_eval.json").write_text(json.dumps(
+        {"checkpoint": "best.pt", "split": "test", "dataset": "fashion-mnist", **s["test"]}))
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps(
+        {"created": s["created"], "machine": s["machine"], **s["bench"]}))
+    (tmp_path / "deploy" / "manifest.json").write_text(json.dumps(
+        {"exits": [{}] * len(s["thresholds"]["values"] + [0]), "thresholds": s["thresholds"]}))
+    assert _summary_module().summary(tmp_path, s["seconds"]) == s
