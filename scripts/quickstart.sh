@@ -9,7 +9,7 @@
 # example in the README's "Using it".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Each step says how long it took (the README quotes these times).
+# Each step says how long it took (docs/results.md quotes these times).
 step() { local start=$SECONDS; "$@"; echo "== ${2#*/} done in $((SECONDS - start)) s"; }
 step bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
