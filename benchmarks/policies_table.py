@@ -1,4 +1,4 @@
-"""The README's tables of `benchmarks/policies.py` reports, printed from their JSON (so the
+"""docs/results.md's tables of `benchmarks/policies.py` reports, printed from their JSON (so the
 figures quoted are the measured ones, not typed by hand).
 
     python benchmarks/policies_table.py docs/results/policies_cifar10.json \\

@@ -9,7 +9,7 @@
 # example in the README's "Using it".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Each step says how long it took (the README quotes these times).
+# Each step says how long it took (docs/results.md quotes these times).
 step() { local start=$SECONDS; "$@"; echo "== ${2#*/} done in $((SECONDS - start)) s"; }
 step bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
@@ -61,5 +61,7 @@ for i in range(6):
     Image.fromarray(test.images[i, 0]).save(out / f"test{i}_{name}.png")
 PY
 step byot-edge predict "$RUN/deploy/manifest.json" "$RUN"/images/*.png
-echo "done in $SECONDS s: checkpoints, deploy/ (ONNX + manifest), bench/ and plots are in $RUN"
+# The figures above in one small JSON (the README's come from one run's: docs/results/quickstart.json).
+python scripts/quickstart_summary.py "$RUN" --seconds "$SECONDS"
+echo "done in $SECONDS s: checkpoints, deploy/ (ONNX + manifest), bench/, plots and summary.json are in $RUN"
 echo "next: source .venv/bin/activate && cd $RUN   # then try the README's \"Using it\" examples"

@@ -1,9 +1,14 @@
-"""The README's deploy-side examples, run as written in a folder laid out as the quickstart's.
+"""The README's and docs' deploy-side examples, run as written in a folder laid out as the
+quickstart's.
 
 The quickstart leaves runs/quickstart/ with deploy/, val_logits.npz and images/; the README
-says every command of its "After the quickstart" block runs from there. Here that folder is
-the session's small exported model, and Fashion-MNIST's test split a few CIFAR-layout
-images of the model's own shape (the only substitution).
+says every command of its "After the quickstart" block, its Python example and its
+`triton-repo` lines (and docs/triton.md's) run from there. Here that folder is the session's
+small exported model, and Fashion-MNIST's test split a few CIFAR-layout images of the
+model's own shape (the only substitution). Elsewhere: docs/serving.md's examples, which the
+README's serving section repeats, run in tests/test_server.py; the Triton client needs a
+tritonserver (tests/test_triton.py). Not run: training commands (a dataset and minutes
+each; tests/test_cli.py runs `train --resume` as shown) and benchmark reproductions.
 """
 
 from __future__ import annotations
@@ -22,16 +27,24 @@ from server_fixtures import deployed_model, write_val_logits
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+TRITON = (REPO / "docs" / "triton.md").read_text()
 QUICKSTART_DATA = "/usr/share/datasets/fashion-mnist"
 
 
-def section(title: str) -> str:
-    start = README.index(title)
-    return README[start:README.index("\n### ", start + len(title))]
+def section(title: str, text: str = README) -> str:
+    start = text.index(title)
+    level = title.split(" ")[0]  # "###": up to the next heading of this level or above
+    ends = [i for i in (text.find(f"\n{h} ", start + len(title))
+                        for h in ("#" * n for n in range(1, len(level) + 1))) if i > 0]
+    return text[start:min(ends, default=len(text))]
+
+
+def blocks(text: str, lang: str = "bash") -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
 
 
 def commands() -> list[str]:
-    (block,) = re.findall(r"```bash\n(.*?)```", section("### After the quickstart"), re.S)
+    (block,) = blocks(section("### After the quickstart"))
     return [line.split("  #")[0].strip() for line in block.splitlines()
             if line.startswith("byot-edge ")]
 
@@ -90,3 +103,29 @@ def test_readme_python_runtime_example_runs_as_written(quickstart_dir: Path):
                        text=True, timeout=120, env={"OMP_WAIT_POLICY": "PASSIVE"})
     assert r.returncode == 0, r.stderr
     assert re.match(r"class\d+ 0\.\d+ \d ", r.stdout), r.stdout
+
+
+def _triton_repo_lines() -> list[str]:
+    lines = [line.split("  #")[0].strip() for text in (section("## Serving at scale on Triton"),
+                                                          TRITON)
+             for b in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)
+             for line in b.splitlines() if line.startswith("byot-edge triton-repo ")]
+    # --segments tensorrt needs engines from `export --format trt`: not this model's files.
+    return sorted({line for line in lines if "--segments tensorrt" not in line})
+
+
+def test_the_readme_lists_triton_repo_commands():
+    assert len(_triton_repo_lines()) >= 3
+
+
+@pytest.mark.parametrize("command", _triton_repo_lines())
+def test_triton_repo_command_runs_as_written(quickstart_dir: Path, tmp_path: Path,
+                                             command: str):
+    # Each line is an alternative: each writes a model_repository of its own.
+    work = tmp_path / "run"
+    shutil.copytree(quickstart_dir / "deploy", work / "deploy")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-2000:])
+    assert (work / "model_repository" / "byot" / "config.pbtxt").exists()

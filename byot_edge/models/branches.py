@@ -46,7 +46,7 @@ class Attention(nn.Module):
             # A constant scale, not a size read from x's shape: the same numbers, but the
             # exported Resize then needs no shape arithmetic, and ONNX Runtime runs it in its
             # blocked (NCHWc) layout with the convs around it: exit 1's branch went from 0.23
-            # to 0.13 ms at width 0.5 (see README, "The anytime cascade").
+            # to 0.13 ms at width 0.5 (see docs/results.md, "The anytime cascade").
             a = F.interpolate(a, scale_factor=2.0, mode="bilinear", align_corners=False)
         else:  # odd sizes (7x7 sections of 28x28 inputs) upsample to x's own size
             a = F.interpolate(a, size=(height, width), mode="bilinear", align_corners=False)
