@@ -61,16 +61,21 @@ def in_client_cpus(cpus: str | None) -> None:
 
 
 def capacity(manifest: Path, deepest: int, data: list[loadgen.Payload], cpus: str | None,
-             seconds: float) -> tuple[float, float]:
+             seconds: float) -> tuple[float, float, dict[str, float]]:
     """(requests/s the deepest exit's server sustains under 32 clients, its p50 latency in
-    ms with one client)."""
+    ms with one client, and for context the same throughput for exit 1 alone and for the
+    calibrated cascade)."""
     server = start(manifest, cpus)
     try:
-        params = {"exit": deepest}
+        params: dict[str, Any] = {"exit": deepest}
         loadgen.run_load(server.url, 4, 200, 2, data, params)  # warm the connections
         one = loadgen.run_load(server.url, 1, 400, seconds, data, params)
         full = loadgen.run_load(server.url, 32, 100_000, seconds, data, params)
-        return full.ok / full.wall_s, float(np.percentile(one.latencies_ms, 50))
+        others = {}
+        for name, other in (("exit 1", {"exit": 1}), ("cascade", {})):
+            run = loadgen.run_load(server.url, 32, 100_000, seconds, data, other)
+            others[name] = run.ok / run.wall_s
+        return full.ok / full.wall_s, float(np.percentile(one.latencies_ms, 50)), others
     finally:
         server.stop()
 
@@ -89,9 +94,32 @@ def summarise(sent: list[loadgen.Sent], labels: np.ndarray, deadline_ms: float,
         "other_5xx": sum(s.status >= 500 and s.status not in (503, 504) for s in sent) / n,
         "no_answer": sum(s.status == 0 for s in sent) / n,
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        # Where the time beyond the server's goes: the client's view minus the server's
+        # (sending, reading, the client's own scheduling), and answers the server knew late.
+        "client_minus_server_p50_ms": _p50([s.latency_ms - s.server_ms for s in ok
+                                           if s.server_ms is not None]),
+        "server_late": sum(s.deadline_left_ms is not None and s.deadline_left_ms < 0
+                           for s in ok) / n,
         "accuracy": float(np.mean(right)) if ok else float("nan"),
         "mean_exit": float(np.mean([s.exits[0] for s in ok])) if ok else float("nan"),
     }
+
+
+def _p50(values: list[float]) -> float:
+    return float(np.percentile(values, 50)) if values else float("nan")
+
+
+def exit_accuracies(manifest: Path, images: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Each exit's accuracy on the images sent, in-process: what the servers' answers are
+    held to (exit 1 is the floor a degraded server should stay at or above)."""
+    from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
+
+    spec = load_manifest(manifest).input
+    x = normalise(images, spec).astype(np.float32)
+    with AnytimeModel.load(manifest, threads=1) as model:
+        return [float(np.mean(np.asarray(model.run(x, PredictOptions(exit=k),
+                                                   probabilities=False).indices) == labels))
+                for k in range(1, model.num_exits + 1)]
 
 
 def metric(server: loadgen.ServerProcess, name: str, exit_: int) -> float:
@@ -149,7 +177,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     loads = results["loads"]
-    for name in SERVERS:
+    for name in (n for n in SERVERS if results["runs"].get(n)):
         rows = [results["runs"][name][str(x)] for x in loads]
         axes[0].plot(loads, [r["p99_ms"] for r in rows], "o-", label=name)
         axes[1].plot(loads, [100 * r["within_deadline"] for r in rows], "o-", label=name)
@@ -175,6 +203,8 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--loads", default="0.5,1,2,3")
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--no-drift", action="store_true")
     ap.add_argument("--seconds", type=float, default=6.0, help="per server and load")
     ap.add_argument("--deadline-x", type=float, default=4.0,
                     help="deadline, in multiples of the deepest exit's 1-client latency")
@@ -200,14 +230,15 @@ def main() -> None:
     noisy_images = np.clip(images + rng.normal(0, args.noise, images.shape), 0, 255)
     noisy = payloads(noisy_images.astype(np.uint8), manifest)
 
-    cap, deepest_ms = capacity(args.manifest, args.exits, data, args.server_cpus, 4.0)
+    cap, deepest_ms, others = capacity(args.manifest, args.exits, data, args.server_cpus, 4.0)
     deadline = args.deadline_x * deepest_ms
     print(f"deepest exit: {cap:.0f} req/s under 32 clients, p50 {deepest_ms:.2f} ms alone; "
-          f"deadline {deadline:.2f} ms", flush=True)
+          f"deadline {deadline:.2f} ms; " + ", ".join(f"{k} {v:.0f} req/s" for k, v in
+                                                     others.items()), flush=True)
     loads = [float(v) for v in args.loads.split(",")]
-    runs: dict[str, dict[str, Any]] = {name: {} for name in SERVERS}
+    runs: dict[str, dict[str, Any]] = {name: {} for name in args.servers.split(",")}
     for x in loads:
-        for name in SERVERS:
+        for name in args.servers.split(","):
             extra = ("--slo-ms", f"{deadline:.3f}") if name == "deadline" else ()
             params = ({"exit": args.exits} if name == "deepest" else
                       {"deadline_ms": f"{deadline:.3f}"} if name == "deadline" else {})
@@ -221,21 +252,26 @@ def main() -> None:
             print(f"{x:>4}x {name:>8}: within {100 * row['within_deadline']:5.1f}%  shed "
                   f"{100 * row['shed']:5.1f}%  other 5xx {100 * row['other_5xx']:.1f}%  "
                   f"p50 {row['p50_ms']:8.2f}  p99 {row['p99_ms']:8.2f} ms  acc "
-                  f"{100 * row['accuracy']:5.2f}%  exit {row['mean_exit']:.2f}", flush=True)
+                  f"{100 * row['accuracy']:5.2f}%  exit {row['mean_exit']:.2f}  server-late "
+                  f"{100 * row['server_late']:.1f}%  client-server p50 "
+                  f"{row['client_minus_server_p50_ms']:.2f} ms", flush=True)
             (args.out / "partial.json").write_text(json.dumps(runs, indent=1))
 
     results: dict[str, Any] = {
         "model": str(args.manifest), "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPUs, server on CPU {args.server_cpus}, client on "
                    f"CPU {args.client_cpus}, ONNX Runtime 1 thread",
-        "capacity_rps": cap, "deepest_p50_ms": deepest_ms, "deadline_ms": deadline,
+        "capacity_rps": cap, "other_capacities_rps": others, "deepest_p50_ms": deepest_ms,
+        "deadline_ms": deadline,
         "deadline_x": args.deadline_x, "seconds": args.seconds, "images": len(images),
         "loads": loads, "runs": runs}
-    results["drift"] = drift_run(args.manifest, args, data, noisy, args.drift_load * cap,
-                                 deadline)
-    d = results["drift"]
-    print(f"drift: {d['false_alarm_slices']} false-alarm slices in {d['clean_requests']} clean "
-          f"requests; alarm after {d['alarm_after_drifted_requests']} drifted requests")
+    results["exit_accuracy"] = exit_accuracies(args.manifest, images, labels)
+    if not args.no_drift:
+        results["drift"] = d = drift_run(args.manifest, args, data, noisy,
+                                         args.drift_load * cap, deadline)
+        print(f"drift: {d['false_alarm_slices']} false-alarm slices in {d['clean_requests']} "
+              f"clean requests; alarm after {d['alarm_after_drifted_requests']} drifted "
+              "requests")
     (args.out / "deadline_load.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "deadline_load.png")
     print(f"wrote {args.out / 'deadline_load.json'} and {args.out / 'deadline_load.png'}")

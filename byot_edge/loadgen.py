@@ -223,6 +223,8 @@ class Sent:
     latency_ms: float  # from when it was due (not when it could be sent) to its answer
     exits: tuple[int, ...] = ()  # 200 only: per sample, the exit that answered
     classes: tuple[int, ...] = ()  # 200 only: per sample, the class answered
+    server_ms: float | None = None  # 200 only: the server's own latency_ms
+    deadline_left_ms: float | None = None  # 200 with a deadline: what the server had left
 
 
 async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[Payload],
@@ -259,13 +261,14 @@ async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[P
             return
         ms = (time.perf_counter() - t0 - at) * 1e3
         idle.append(conn)
-        exits: tuple[int, ...] = ()
-        classes: tuple[int, ...] = ()
-        if status == 200:
-            preds = json.loads(data)["predictions"]
-            exits = tuple(q["exit"] for q in preds)
-            classes = tuple(q["index"] for q in preds)
-        sent.append(Sent(int(order[i]), at, status, ms, exits, classes))
+        if status != 200:
+            sent.append(Sent(int(order[i]), at, status, ms))
+            return
+        doc = json.loads(data)
+        preds = doc["predictions"]
+        sent.append(Sent(int(order[i]), at, status, ms, tuple(q["exit"] for q in preds),
+                         tuple(q["index"] for q in preds), doc.get("latency_ms"),
+                         doc.get("deadline_left_ms")))
 
     tasks = []
     for i, at in enumerate(due):

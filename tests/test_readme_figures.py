@@ -88,7 +88,7 @@ FIGURES: dict[str, tuple[str, list[Getter]]] = {
         lambda d: pct(d["runs"]["byot"][0]["top1"][3]),
         lambda d: pct(d["runs"]["dsn"][0]["top1"][3]),
     ]),
-    "INT8 exits": ("int8_cpu_width05.json", [
+    "INT8 exits": ("int8_cpu_ltt.json", [
         _int8("int8 deepest exit", "latency_vs_fp32_deepest"),
         _int8("int8 deepest exit", "points_vs_fp32_deepest"),
         _int8("int8 cascade", "latency_vs_fp32_deepest"),
@@ -96,6 +96,14 @@ FIGURES: dict[str, tuple[str, list[Getter]]] = {
     ]),
     "The runtime's tax": ("runtime_tax_cpu_width1_b1.json", [
         _tax(1, "ours/plain|1 thread"), _tax(0, "ours/own|1 thread"),
+    ]),
+    "Serving under load": ("deadline_load_cpu.json", [
+        lambda d: pct(d["runs"]["deadline"]["2.0"]["within_deadline"]),
+        lambda d: pct(d["runs"]["cascade"]["2.0"]["within_deadline"]),
+        lambda d: pct(d["runs"]["deepest"]["2.0"]["within_deadline"]),
+        lambda d: pct(d["runs"]["deadline"]["2.0"]["shed"]),
+        lambda d: d["drift"]["clean_requests"],
+        lambda d: d["drift"]["alarm_after_drifted_requests"],
     ]),
     "Triton": ("triton_load_cpu_shared.json", [
         _throughput_ratio("triton-bls"), _throughput_ratio("triton-inprocess"),

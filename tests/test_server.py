@@ -348,12 +348,13 @@ def test_openapi_schema_documents_the_api(http: httpx.Client) -> None:
     schema = http.get("/openapi.json").json()
     op = schema["paths"]["/v1/predict"]["post"]
     params = {p["name"]: p for p in op["parameters"]}
-    assert set(params) == {"threshold", "budget_ms", "exit", "top_k", "criterion", "stat"}
+    assert set(params) == {"threshold", "budget_ms", "exit", "top_k", "criterion", "stat",
+                           "deadline_ms"}
     assert params["exit"]["schema"]["anyOf"][0]["maximum"] == 4
     assert set(op["requestBody"]["content"]) == {"multipart/form-data", "image/png",
                                                   "image/jpeg", "application/json",
                                                   "application/x-npy"}
-    assert {"200", "400", "413", "415", "422", "503"} <= set(op["responses"])
+    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(op["responses"])
     assert {"/v1/model", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
     assert "swagger" in http.get("/docs").text.lower()
 

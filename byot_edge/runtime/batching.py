@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -171,7 +171,7 @@ def _exit_counts(exits: list[int]) -> dict[int, int]:
 
 class Batcher:
     def __init__(self, model: AnytimeModel, *, max_batch: int, max_wait_ms: float,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, deadline_stat: str = "p90") -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ByotError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} "
                             f"and {max_wait_ms}")
@@ -179,13 +179,23 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
         self.metrics = metrics
+        # The profile's statistic deadlines are planned with: a step slower than its median
+        # would make an answer planned at the median late.
+        self.deadline_stat = deadline_stat
         # Waiting requests, earliest deadline first (then in arrival order): a heap of
         # (deadline or inf, arrival number, job).
         self._pending: list[tuple[float, int, _Job]] = []
         self._arrivals = itertools.count()
         self._with_deadline = 0  # of _pending
+        # Whether a request was refused for its deadline since the last batch started: then
+        # the next batch answers everyone at its first exit (degrade before dropping more).
+        self._shed = False
         # (samples, options) -> first_answer_ms: the profile does not change while serving
         self._first_ms: dict[tuple[int, PredictOptions], float] = {}
+        # Batch size (rounded up to a power of 2) -> moving average of the ms its runs took
+        # to their first answers here: beside the server's own HTTP work on a small machine
+        # that can be twice what the profile, timed alone, says.
+        self._first_seen: dict[int, float] = {}
         self._samples = 0  # in _pending
         self._arrived = asyncio.Event()
         # Set while nothing waits and nothing runs: when the audit may use the machine.
@@ -251,7 +261,7 @@ class Batcher:
         even by its first possible answer (by the profile, at `samples`), else None."""
         now = time.perf_counter() if now is None else now
         left_ms = (deadline - now) * 1e3
-        need_ms = self._first_answer_ms(samples, options)
+        need_ms = self._first_cost_ms(min(self.max_batch, samples + self._samples), options)
         if left_ms > need_ms:
             return None
         what = "the first exit it could answer from" if options.exit is None else \
@@ -262,16 +272,33 @@ class Batcher:
             "deadline_ms, or retry when the server is less busy",
             self.expected_wait_s() if left_ms > 0 else None)
 
+    def _planned(self, options: PredictOptions) -> PredictOptions:
+        """The options a deadline is planned with: the request's statistic when it chose
+        one, else deadline_stat."""
+        return options if options.stat != "p50" else replace(options, stat=self.deadline_stat)
+
     def _first_answer_ms(self, samples: int, options: PredictOptions) -> float:
         key = (samples, options)
         ms = self._first_ms.get(key)
         if ms is None:
             try:
-                ms = self.model.first_answer_ms(samples, options) or 0.0
+                ms = self.model.first_answer_ms(samples, self._planned(options)) or 0.0
             except ByotError:  # a profile without that timing: only a passed deadline counts
                 ms = 0.0
             self._first_ms[key] = ms
         return ms
+
+    def _first_cost_ms(self, samples: int, options: PredictOptions) -> float:
+        """What a batch of `samples` takes to its first answers: the profile's figure, or
+        what such batches took here when that was more."""
+        seen = self._first_seen.get(1 << (samples - 1).bit_length(), 0.0)
+        return max(self._first_answer_ms(samples, options), seen)
+
+    def _observe_first(self, samples: int, result: CascadeResult, seconds: float) -> None:
+        bucket = 1 << (samples - 1).bit_length()
+        ms = result.step_ms[0][1] if result.step_ms else seconds * 1e3
+        old = self._first_seen.get(bucket)
+        self._first_seen[bucket] = ms if old is None else 0.8 * old + 0.2 * ms
 
     async def submit(self, x: np.ndarray, options: PredictOptions,
                      deadline: float | None = None) -> Answer:
@@ -303,6 +330,7 @@ class Batcher:
     # -- the worker ----------------------------------------------------------------------
 
     def _missed(self) -> None:
+        self._shed = True
         if self.metrics is not None:
             self.metrics.rejected.labels(reason="deadline").inc()
 
@@ -380,14 +408,15 @@ class Batcher:
                 break
             ahead += len(job.x)
             runs = -(-ahead // self.max_batch)
-            first = self._first_answer_ms(min(ahead, self.max_batch), job.options)
+            first = self._first_cost_ms(min(ahead, self.max_batch), job.options)
             cap = min(cap, (key - now) * 1e3 - runs * first)
         return cap
 
     def _time_left(self, group: list[_Job], started: float) -> list[float] | None:
         """Per sample of the batch, the ms its request has left (less what the requests
         waiting behind it need); None when none of it has a deadline or waits behind it."""
-        cap = self._queue_cap_ms(started)
+        cap = 0.0 if self._shed else self._queue_cap_ms(started)
+        self._shed = False
         if cap == math.inf and all(job.deadline is None for job in group):
             return None
         left: list[float] = []
@@ -402,8 +431,8 @@ class Batcher:
         # they go to the log, once each, and a `-W error` setting cannot fail a batch.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = (self.model.run_checked(x, options) if time_left_ms is None
-                      else self.model.run_checked(x, options, True, time_left_ms))
+            result = (self.model.run_checked(x, options) if time_left_ms is None else
+                      self.model.run_checked(x, self._planned(options), True, time_left_ms))
         for w in caught:
             if str(w.message) not in self._logged:
                 self._logged.add(str(w.message))
@@ -431,6 +460,7 @@ class Batcher:
         seconds = answered - started
         self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
         result, probs = run.result, run.probabilities
+        self._observe_first(len(x), result, seconds)
         if self.metrics is not None:
             self.metrics.observe_batch(len(x), len(group), seconds, run.exit_counts)
         if self.audit is not None:

@@ -146,7 +146,8 @@ def model_info(model: AnytimeModel, config: ServeConfig) -> ModelInfo:
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body cannot be parsed (bad JSON, .npy "
-                                                 "or multipart)."},
+                                                 "or multipart), or a deadline is not a "
+                                                 "number of milliseconds."},
     408: {"model": ErrorResponse, "description": "The body did not all arrive within the "
                                                  "server's body timeout."},
     413: {"model": ErrorResponse, "description": "The upload, an image's pixel count, the "
@@ -157,6 +158,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                                                  "NaN, or options out of range."},
     503: {"model": ErrorResponse, "description": "Queue full, warming up or shutting down; "
                                                  "retry after the Retry-After header's seconds."},
+    504: {"model": ErrorResponse, "description": "The request's deadline (deadline_ms, "
+                                                 "X-Deadline-Ms or the server's --slo-ms) "
+                                                 "cannot be met, not even by the first exit; "
+                                                 "answered at once, without running."},
 }
 AUTH_ERROR: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."}}
