@@ -98,10 +98,11 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/floors.stamp" 2>/dev/null)" !=
   # shellcheck disable=SC2086  # one word per requirement
   pipq "$VENV/bin/python" -m pip install --only-binary=:all: $OWN
   echo "$OWN" > "$VENV/floors.stamp"
-  MAIN_SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
-  OWN_SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
-  echo "import site; site.addsitedir('$MAIN_SITE')" > "$OWN_SITE/zz_main_venv.pth"
 fi
+# Every run: the cached venv may have been made beside another checkout's main venv.
+MAIN_SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+OWN_SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+echo "import site; site.addsitedir('$MAIN_SITE')" > "$OWN_SITE/zz_main_venv.pth"
 echo "compat: training side with $("$VENV/bin/python" -c \
   'import numpy, torch, sys; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}")')"
 "$VENV/bin/python" -m pytest -p no:cacheprovider -m "not slow" "$@" \
