@@ -154,6 +154,17 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
     cfg.validate()
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = _setup_distributed(device)
+    try:
+        return _train_on(cfg, state, resume, reporter, device, dist)
+    finally:
+        # Also on an error (a divergence, a bad flag): a process group left at exit aborts
+        # the interpreter (SIGABRT from gloo's threads) instead of exiting with the error's code.
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train_on(cfg: TrainConfig, state: dict[str, Any] | None, resume: str | Path | None,
+              reporter: Any | None, device: torch.device, dist: Dist) -> Path:
     amp_dtype = amp_dtype_for(cfg.amp, device)
     loss_cfg = cfg.loss_config()
     info = dataset_info(cfg.dataset, cfg.image_size)
@@ -283,8 +294,6 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
         last_good = (out / "last.pt", epoch + 1)
         if reporter:
             reporter.end_epoch(log)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
     return out
 
 
