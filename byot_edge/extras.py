@@ -30,6 +30,7 @@ EXTRA_OF = {
     "tensorrt_rtx": "tensorrt",
     "cuda": "tensorrt",
     "pycuda": "pycuda",
+    "timm": "timm",
 }
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from byot_edge.errors import ByotError
 from byot_edge.evaluate import accuracy_rows, predict_logits
 from byot_edge.fileio import atomic_write_bytes, remove_stale_temps
 from byot_edge.losses import LossConfig, multi_exit_loss
-from byot_edge.models import create_model
+from byot_edge.models import MultiExitNet, create_model
+from byot_edge.models.library import is_library_arch
+from byot_edge.models.pretrained import imagenet_input_size, load_pretrained
 from byot_edge.train_config import RECIPES, RUN_FILES, TrainConfig, resume_config, shown
 
 
@@ -116,8 +118,11 @@ def _load_data(cfg: TrainConfig) -> tuple[Arrays, Arrays, str]:
         val, train, val_name = train.subset(val_idx), train.subset(train_idx), "val"
     else:
         val, val_name = load_arrays(cfg.dataset, cfg.data_dir, "test", cfg.image_size), "test"
-    if cfg.max_train_samples:
-        train = train.subset(np.arange(min(cfg.max_train_samples, len(train.labels))))
+    if cfg.max_train_samples and cfg.max_train_samples < len(train.labels):
+        # A seeded random subset: the first N of a class-sorted ImageFolder would hold only
+        # its first classes.
+        pick = np.random.default_rng(cfg.seed).permutation(len(train.labels))
+        train = train.subset(np.sort(pick[:cfg.max_train_samples]))
     return train, val, val_name
 
 
@@ -151,6 +156,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None,
         given = asdict(cfg)
         given["data_dir"] = cfg.data_dir or state["train_config"].get("data_dir")
         cfg = resume_config(state, given, override=True, source=resume)
+    elif cfg.pretrained == "imagenet" and cfg.dataset == "imagefolder" and not cfg.image_size:
+        # ImageFolder images at the size the weights were trained for, unless told otherwise
+        cfg = replace(cfg, image_size=imagenet_input_size(cfg.arch))
     cfg.validate()
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = _setup_distributed(device)
@@ -173,7 +181,19 @@ def _train_on(cfg: TrainConfig, state: dict[str, Any] | None, resume: str | Path
     num_classes = len(train_arrays.class_names)
 
     model = create_model(cfg.arch, num_classes=num_classes, in_chans=info.in_chans,
-                         input_size=info.input_size, stem=cfg.stem, width=cfg.width)
+                         input_size=info.input_size, stem=cfg.stem, width=cfg.width,
+                         **_exits_option(cfg))
+    pretrained = None
+    if state is not None:  # normalised as the run started (by its weights' statistics)
+        info = replace(info, mean=tuple(state["data"]["mean"]), std=tuple(state["data"]["std"]))
+    elif cfg.pretrained:
+        pretrained = load_pretrained(model, cfg.pretrained)
+        if pretrained.mean and pretrained.std and len(pretrained.mean) == info.in_chans:
+            info = replace(info, mean=pretrained.mean, std=pretrained.std)
+        if reporter and dist.main and hasattr(reporter, "note"):
+            reporter.note(f"backbone: {pretrained.loaded} tensors from {pretrained.source}; "
+                          f"inputs normalised with mean {_short(info.mean)}, std "
+                          f"{_short(info.std)}")
     bad = [k for k in cfg.feature_exits if not 1 <= k < model.num_exits]
     if bad:
         raise ByotError(f"--feature-exits {shown(tuple(bad))}: only shallow exits "
@@ -194,9 +214,11 @@ def _train_on(cfg: TrainConfig, state: dict[str, Any] | None, resume: str | Path
         raise ByotError(f"{len(train_arrays.labels)} training images make no full batch of "
                         f"{cfg.batch_size}; lower --batch-size or use more data")
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    groups = _param_groups(model, cfg)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, len(batches)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  _group_factors(cfg, len(batches), len(groups)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best = 0, -1.0
     if state is not None:
@@ -230,6 +252,10 @@ def _train_on(cfg: TrainConfig, state: dict[str, Any] | None, resume: str | Path
                  "input_size": info.input_size, "mean": list(info.mean), "std": list(info.std),
                  "class_names": train_arrays.class_names, "val_split": cfg.val_split,
                  "val_source": val_name}
+    if state is not None and "pretrained" in state["data"]:
+        data_meta["pretrained"] = state["data"]["pretrained"]
+    elif pretrained is not None:
+        data_meta["pretrained"] = pretrained.source
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -301,10 +327,52 @@ def _apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: Any, cf
                             steps_per_epoch: int) -> None:
     """A loaded optimizer keeps the lr and weight decay it was saved with; give it the
     config's (the same values unless overridden on resume: then bit-for-bit a no-op)."""
-    factor = _lr_factor(cfg, steps_per_epoch)(scheduler.last_epoch)
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, weight_decay=cfg.weight_decay)
+    n = len(optimizer.param_groups)
+    factors = _group_factors(cfg, steps_per_epoch, n)
+    scheduler.base_lrs = [cfg.lr] * n
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor(scheduler.last_epoch),
+                     weight_decay=cfg.weight_decay)
+
+
+def _exits_option(cfg: TrainConfig) -> dict[str, Any]:
+    if not cfg.exits:
+        return {}
+    if not is_library_arch(cfg.arch):
+        raise ByotError(f"--exits applies to library backbones (tv:NAME, timm:NAME); "
+                        f"{cfg.arch}'s sections are fixed")
+    return {"exits": list(cfg.exits)}
+
+
+def _param_groups(model: MultiExitNet, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """One group, or [new parts, backbone] when the backbone learns at another pace. The
+    backbone is what pretrained weights fill: stem, sections, the deepest head but its
+    classifier."""
+    if cfg.backbone_lr == 1.0 and cfg.freeze_backbone_epochs == 0:
+        return [{"params": list(model.parameters())}]
+    backbone = set(model.source_keys)
+    named = list(model.named_parameters())
+    return [{"params": [p for k, p in named if k not in backbone]},
+            {"params": [p for k, p in named if k in backbone]}]
+
+
+def _group_factors(cfg: TrainConfig, steps_per_epoch: int,
+                   groups: int) -> list[Callable[[int], float]]:
+    """The schedule's factor per group: the backbone's is scaled by --backbone-lr and is 0
+    while it is frozen (SGD then leaves it as it is; its BatchNorm statistics still adapt)."""
+    factor = _lr_factor(cfg, steps_per_epoch)
+    if groups == 1:
+        return [factor]
+    frozen = cfg.freeze_backbone_epochs * steps_per_epoch
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < frozen else cfg.backbone_lr * factor(step)
+
+    return [factor, backbone]
+
+
+def _short(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
 def suggested_lr(cfg: TrainConfig) -> float:
@@ -357,6 +425,9 @@ def eval_split(state: dict[str, Any], split: str, *, dataset: str | None = None,
     name = dataset or state["data"]["dataset"]
     data_dir = data_dir or tc.get("data_dir")
     info = dataset_info(name, state["data"].get("input_size") if name == "imagefolder" else None)
+    if "mean" in state["data"] and len(state["data"]["mean"]) == info.in_chans:
+        # normalised as it was trained (a pretrained start takes its weights' statistics)
+        info = replace(info, mean=tuple(state["data"]["mean"]), std=tuple(state["data"]["std"]))
     if split == "test":
         return load_arrays(name, data_dir, "test", info.input_size), info
     if split != "val":

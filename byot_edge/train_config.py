@@ -51,6 +51,13 @@ class TrainConfig:
     autoaugment: bool = False
     download: bool = False
     log_every: int = 20
+    # Fine-tuning: weights for the backbone ("imagenet" or a path; the branches start fresh),
+    # the backbone's lr as a fraction of --lr, epochs with the backbone held still (lr 0),
+    # and which stage ends carry exits (library backbones; empty: every one).
+    pretrained: str | None = None
+    backbone_lr: float = 1.0
+    freeze_backbone_epochs: float = 0.0
+    exits: tuple[str, ...] = ()
 
     def validate(self) -> TrainConfig:
         """Itself, or a ByotError naming the first option out of range (before any work)."""
@@ -79,6 +86,10 @@ class TrainConfig:
             ("amp", self.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
             ("cutout", self.cutout >= 0, ">= 0 (0: off)"),
             ("log_every", self.log_every >= 1, ">= 1"),
+            ("backbone_lr", finite(self.backbone_lr) and 0 <= self.backbone_lr <= 1,
+             "in [0, 1] (a fraction of --lr)"),
+            ("freeze_backbone_epochs", finite(self.freeze_backbone_epochs)
+             and 0 <= self.freeze_backbone_epochs < self.epochs, "in [0, --epochs)"),
         ]
         for name, ok, want in rules:
             if not ok:
@@ -107,6 +118,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "quick": {"epochs": 4, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
               "weight_decay": 5e-4, "nesterov": True, "schedule": "cosine",
               "warmup_epochs": 0.2},
+    # From pretrained weights (--pretrained): the new branches learn at lr, the backbone at
+    # a tenth of it, after half an epoch of warm-up; a smaller batch, as on a few thousand
+    # images. Weight decay is lighter: it would pull the pretrained weights toward zero.
+    "finetune": {"epochs": 5, "batch_size": 64, "lr": 0.05, "momentum": 0.9,
+                 "weight_decay": 1e-4, "nesterov": True, "schedule": "cosine",
+                 "warmup_epochs": 0.5, "backbone_lr": 0.1},
 }
 
 
@@ -128,7 +145,7 @@ RESUME_FREE = frozenset({"out", "data_dir", "device", "download", "compile", "ch
 # e.g. a lower lr after a divergence. The rest (the network, the data split, the batch, the
 # schedule, the seed) would make a different run: start one with another --out.
 RESUME_OVERRIDABLE = frozenset({"lr", "weight_decay", "amp", "method", "alpha", "temperature",
-                                "feature_weight", "feature_exits"})
+                                "feature_weight", "feature_exits", "backbone_lr"})
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
 

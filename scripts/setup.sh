@@ -14,4 +14,4 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "installing torch + torchvision (several GB for a CUDA build; a few minutes)..."
   .venv/bin/python -m pip install -q torch torchvision
 fi
-.venv/bin/python -m pip install -q -e ".[train,onnxruntime,serve,dev]"
+.venv/bin/python -m pip install -q -e ".[train,onnxruntime,serve,timm,dev]"

@@ -65,10 +65,61 @@ def evaluate_command(
         console.print(f"wrote {save_logits} (logits of {result.logits.shape[0]} exits)")
 
 
-@app.command("models")
-def models_command() -> None:
-    """List the architectures that `--arch` accepts."""
-    from byot_edge.models import list_models
+MODELS_EXAMPLE = """
+Examples:
 
-    for name in list_models():
+  byot-edge models
+
+  byot-edge models 'tv:*'
+
+  byot-edge models 'timm:mobilenetv4*'
+
+  byot-edge models tv:resnet50
+"""
+
+
+@app.command("models", epilog=MODELS_EXAMPLE)
+def models_command(
+    pattern: Annotated[str | None, typer.Argument(
+        help="Shell-style pattern (tv:*, timm:*mobilenet*), or one architecture to show its "
+             "stage ends (what --exits names).")] = None,
+) -> None:
+    """List the architectures that `--arch` accepts: the hand-cut ones, torchvision's CNN
+    families (tv:NAME) and, with byot-edge[timm] installed, timm's (timm:NAME)."""
+    from byot_edge.extras import available
+    from byot_edge.models import create_model, list_models
+    from byot_edge.models.library import LIBRARIES, is_library_arch, library_names
+
+    if pattern and not any(ch in pattern for ch in "*?[") and (
+            is_library_arch(pattern) or pattern in list_models()):
+        model = create_model(pattern, num_classes=1000, input_size=224, stem="imagenet")
+        table = Table("exit", "stage end", "channels", "stride", "MFLOPs at 224 px",
+                      title=f"{pattern}: where its exits sit (default: all)")
+        for e in model.exits:
+            table.add_row(str(e.index), e.stage, str(e.channels), str(e.stride),
+                          f"{e.flops / 1e6:,.0f}")
+        console.print(table)
+        return
+    lib, _, rest = (pattern or "").partition(":")
+    if pattern is None or lib not in LIBRARIES:
+        import fnmatch
+
+        for name in list_models():
+            if pattern is None or fnmatch.fnmatch(name, pattern):
+                console.print(name)
+        if pattern is not None:
+            return
+        console.print(f"tv:NAME   {len(library_names('tv'))} torchvision CNNs "
+                      "(`byot-edge models 'tv:*'`)")
+        if available("timm"):
+            console.print(f"timm:NAME {len(library_names('timm'))} timm CNNs "
+                          "(`byot-edge models 'timm:*'`)")
+        else:
+            console.print("timm:NAME timm's CNNs, with pip install 'byot-edge[timm]'")
+        return
+    names = library_names(lib, rest or "*")
+    if not names:
+        raise ByotError(f"no {lib} architecture matches {pattern!r}; try `byot-edge models "
+                        f"'{lib}:*'`")
+    for name in names:
         console.print(name)

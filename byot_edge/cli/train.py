@@ -22,6 +22,8 @@ Examples:
 
   byot-edge train --resume runs/r18/last.pt --out runs/r18
 
+  byot-edge train --arch tv:mobilenet_v3_large --pretrained imagenet --recipe finetune --dataset imagefolder --data-dir photos --image-size 224 --out runs/photos
+
   torchrun --nproc-per-node 4 -m byot_edge.cli train --arch resnet18 --dataset cifar10 --data-dir data/cifar10 --recipe paper --out runs/r18-ddp
 """
 
@@ -46,6 +48,9 @@ class ProgressReporter:
         text = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
         self.progress.update(self.task, completed=step, parts=text,
                              speed=f"{images_per_s:,.0f} img/s")
+
+    def note(self, text: str) -> None:
+        console.print(text)
 
     def end_epoch(self, log: Any) -> None:
         self.progress.stop()
@@ -74,7 +79,8 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.")] = Path(
         "runs/byot"),
     recipe: Annotated[str, typer.Option(
-        help="quick (a few cosine epochs, for CPUs) or paper (250 epochs, multistep).")] = "quick",
+        help="quick (a few cosine epochs, for CPUs), paper (250 epochs, multistep) or "
+             "finetune (from --pretrained: the backbone at a tenth of --lr).")] = "quick",
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the recipe's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -106,6 +112,19 @@ def train(
     autoaugment: Annotated[bool, typer.Option(help="AutoAugment (CIFAR policy).")] = False,
     download: Annotated[bool, typer.Option(help="Download with torchvision (needs internet).")
     ] = False,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Backbone weights: imagenet (the library's, downloaded to its cache), or a file: "
+             "a state dict of the plain backbone, or a byot-edge checkpoint. The exit "
+             "branches and the classifier start fresh.")] = None,
+    backbone_lr: Annotated[float | None, typer.Option(
+        help="The backbone's learning rate as a fraction of --lr (default: the recipe's; "
+             "finetune 0.1, others 1).")] = None,
+    freeze_backbone_epochs: Annotated[float, typer.Option(
+        help="Epochs at the start with the backbone held still (lr 0): the new branches "
+             "learn first.")] = 0.0,
+    exits: Annotated[str, typer.Option(
+        help="Library backbones: the stage ends that get an exit, comma-separated, ending "
+             "with the deepest (`byot-edge models ARCH` lists them; default: all).")] = "",
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue from RUN/last.pt with its own settings; options given again must "
@@ -137,11 +156,13 @@ def train(
               "image_size": image_size, "val_split": val_split,
               "max_train_samples": max_train_samples, "seed": seed, "device": device,
               "amp": amp, "channels_last": channels_last, "compile": compile, "cutout": cutout,
-              "autoaugment": autoaugment, "download": download}
+              "autoaugment": autoaugment, "download": download, "pretrained": pretrained,
+              "backbone_lr": backbone_lr, "freeze_backbone_epochs": freeze_backbone_epochs,
+              "exits": tuple(e.strip() for e in exits.split(",") if e.strip())}
     if resume is None:
         if override:
             raise ByotError("--override only applies with --resume RUN/last.pt")
-        from_recipe = ("epochs", "batch_size", "lr", "weight_decay", "schedule")
+        from_recipe = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "backbone_lr")
         cfg = config_from_recipe(**{k: v for k, v in values.items()
                                     if not (k in from_recipe and v is None)})
     else:

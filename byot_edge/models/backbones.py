@@ -1,4 +1,5 @@
-"""Backbones cut into sections. Each builder returns (stem, sections) for `MultiExitNet`.
+"""The hand-cut backbones. Each builder returns a `Backbone` (stem, sections, deepest head)
+for `MultiExitNet`, as the library builders in `models/library.py` do.
 
 ResNets reuse torchvision's residual blocks with our own widths (torchvision's ResNet has no
 width multiplier); MobileNets reuse torchvision's whole feature extractor and cut it where
@@ -11,7 +12,8 @@ from torch import nn
 from torchvision.models import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from byot_edge.models.multi_exit import Section
+from byot_edge.models.branches import DeepestHead
+from byot_edge.models.multi_exit import Backbone, ModelConfig, Section
 
 STEMS = ("cifar", "imagenet")
 
@@ -20,16 +22,12 @@ def _scaled(channels: int, width: float) -> int:
     return max(8, round(channels * width / 8) * 8) if width != 1.0 else channels
 
 
-def resnet_sections(
-    block: type[BasicBlock | Bottleneck],
-    layers: list[int],
-    *,
-    in_chans: int,
-    stem: str,
-    width: float,
-) -> tuple[nn.Module, list[Section]]:
+def resnet_backbone(
+    block: type[BasicBlock | Bottleneck], layers: list[int], c: ModelConfig
+) -> Backbone:
+    in_chans, width = c.in_chans, c.width
     base = _scaled(64, width)
-    if stem == "cifar":
+    if c.stem == "cifar":
         stem_module: nn.Module = nn.Sequential(
             nn.Conv2d(in_chans, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU(True)
         )
@@ -57,7 +55,22 @@ def resnet_sections(
         stride *= layer_stride
         sections.append(Section(f"layer{i + 1}", nn.Sequential(*modules), inplanes, stride))
     _init_resnet(stem_module, sections)
-    return stem_module, sections
+    def head() -> nn.Module:
+        return DeepestHead(sections[-1].channels, c.num_classes)
+
+    return Backbone(stem_module, sections, head, rename=_torchvision_resnet_key,
+                    classifier=frozenset({"fc.weight", "fc.bias"}))
+
+
+def _torchvision_resnet_key(key: str) -> str | None:
+    """Our ResNet key -> torchvision's ResNet key: the same blocks under other names (the
+    imagenet stem at width 1 matches torchvision's weights shape for shape)."""
+    first, index, tail = [*key.split(".", 2), "", ""][:3]
+    if first == "stem" and index in ("0", "1"):
+        return f"{('conv1', 'bn1')[int(index)]}.{tail}"
+    if first == "sections":
+        return f"layer{int(index) + 1}.{tail}"
+    return None  # the exit heads: the branches are new, the classifier is this run's
 
 
 def _init_resnet(stem: nn.Module, sections: list[Section]) -> None:
@@ -92,11 +105,11 @@ def _first_conv(module: nn.Module) -> nn.Conv2d:
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
-def mobilenet_sections(
-    name: str, *, in_chans: int, stem: str, width: float
-) -> tuple[nn.Module, list[Section], tuple[nn.Module, int]]:
-    """Stem, sections, and (last conv, its channels) for the deepest exit's head."""
-    features = _MOBILENET_FACTORIES[name](width_mult=width).features
+def mobilenet_backbone(name: str, c: ModelConfig) -> Backbone:
+    """Cut torchvision's MobileNet; the last 1x1 conv goes to the deepest exit's head."""
+    in_chans, stem, width = c.in_chans, c.stem, c.width
+    source = _MOBILENET_FACTORIES[name](width_mult=width)
+    features = source.features
     first = _first_conv(features[0])
     if in_chans != first.in_channels:
         features[0][0] = nn.Conv2d(in_chans, first.out_channels, 3, first.stride, 1, bias=False)
@@ -115,7 +128,13 @@ def mobilenet_sections(
         channels = _out_channels(module)
         sections.append(Section(f"features{start}-{end - 1}", module, channels, stride))
         start = end
-    return features[0], sections, (features[-1], _out_channels(features[-1]))
+    def head() -> nn.Module:
+        return DeepestHead(sections[-1].channels, c.num_classes, features[-1],
+                           _out_channels(features[-1]))
+
+    classifier = frozenset(k for k in source.state_dict() if k.startswith("classifier."))
+    return Backbone(features[0], sections, head, source=source.state_dict(keep_vars=True),
+                    classifier=classifier)
 
 
 def _stride_of(module: nn.Module) -> int:

@@ -9,6 +9,7 @@ The seams the rest of the toolkit uses (see DESIGN.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from byot_edge.errors import ByotError
-from byot_edge.models.branches import BYOTBranch, DeepestHead
+from byot_edge.models.branches import BYOTBranch
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,29 @@ class Section:
     module: nn.Module
     channels: int
     stride: int  # total stride from the input to this section's output
+
+
+@dataclass
+class Backbone:
+    """A backbone cut for exits: what every builder returns, hand-cut or from a library.
+
+    `make_head` makes the deepest exit's head, mapping the last section's output to (logits,
+    pooled feature); it is called after the branches are made, so that a seed gives the
+    weights it gave before heads came from builders. `source` is the state dict
+    (`keep_vars=True`: the tensors themselves; not kept) of the plain model the modules were
+    taken from: its keys are found for ours by tensor identity, so a state dict saved from
+    that model loads into this one (`models.pretrained`). Builders whose modules come from
+    no such model give `rename` instead: our key -> the plain model's key (None: none).
+    `classifier` lists the plain model's keys that are never loaded (its classifier: the
+    class count is this run's).
+    """
+
+    stem: nn.Module
+    sections: list[Section]
+    make_head: Callable[[], nn.Module]
+    source: Mapping[str, torch.Tensor] | None = None
+    rename: Callable[[str], str | None] | None = None
+    classifier: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -93,29 +117,25 @@ class Segment(nn.Module):
 
 
 class MultiExitNet(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        stem: nn.Module,
-        sections: list[Section],
-        head_body: tuple[nn.Module, int] | None = None,
-    ) -> None:
+    def __init__(self, config: ModelConfig, backbone: Backbone) -> None:
         super().__init__()
+        sections = backbone.sections
         if len(sections) < 2:
             raise ValueError("a multi-exit network needs at least two sections")
         self.config = config
-        self.stem = stem
+        self.stem = backbone.stem
         self.sections = nn.ModuleList(s.module for s in sections)
         deep = sections[-1]
         heads: list[nn.Module] = [
             BYOTBranch(s.channels, s.stride, deep.channels, deep.stride, config.num_classes)
             for s in sections[:-1]
         ]
-        body, body_channels = head_body or (None, None)
-        heads.append(DeepestHead(deep.channels, config.num_classes, body, body_channels))
-        self.heads = nn.ModuleList(heads)
+        self.heads = nn.ModuleList([*heads, backbone.make_head()])
         self._section_meta = [(s.name, s.channels, s.stride) for s in sections]
         self._exits: list[ExitInfo] | None = None
+        # Plain attributes, not state: which of our keys a plain backbone's state dict fills.
+        self.source_keys = _source_keys(self, backbone)
+        self.classifier_keys = backbone.classifier
 
     @property
     def num_exits(self) -> int:
@@ -188,3 +208,17 @@ class MultiExitNet(nn.Module):
             self.train(was_training)
         name, channels, stride = self._section_meta[k - 1]
         return ExitInfo(k, name, channels, stride, params, int(counter.get_total_flops()))
+
+
+def _source_keys(net: nn.Module, backbone: Backbone) -> dict[str, str]:
+    """Our state-dict key -> the plain backbone's, for the keys that have one (the
+    branches and the classifier have none)."""
+    ours = net.state_dict(keep_vars=True)
+    if backbone.source is not None:
+        theirs = {id(t): k for k, t in backbone.source.items()}
+        keys = {k: theirs[id(t)] for k, t in ours.items() if id(t) in theirs}
+    elif backbone.rename is not None:
+        keys = {k: n for k in ours if (n := backbone.rename(k)) is not None}
+    else:
+        keys = {}
+    return {k: n for k, n in keys.items() if n not in backbone.classifier}

@@ -1,4 +1,8 @@
-"""Architectures by name: `create_model("resnet18", num_classes=10)`, `list_models()`."""
+"""Architectures by name: `create_model("resnet18", num_classes=10)`, `list_models()`.
+
+The hand-cut ones are registered here; `tv:NAME` and `timm:NAME` are cut from the library's
+own model (`models/library.py`). Both give `MultiExitNet` a `Backbone`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from byot_edge.errors import ByotError
-from byot_edge.models.backbones import STEMS, mobilenet_sections, resnet_sections
+from byot_edge.models.backbones import STEMS, mobilenet_backbone, resnet_backbone
+from byot_edge.models.library import is_library_arch, library_backbone
 from byot_edge.models.multi_exit import ModelConfig, MultiExitNet
 
 _MODELS: dict[str, Callable[[ModelConfig], MultiExitNet]] = {}  # name -> builder
@@ -40,8 +45,13 @@ def create_model(
     width: float = 1.0,
     **extra: Any,
 ) -> MultiExitNet:
+    if is_library_arch(name):
+        config = ModelConfig(name, num_classes, in_chans, input_size, stem, width, extra)
+        return MultiExitNet(config, library_backbone(config))
     if name not in _MODELS:
-        raise ByotError(f"unknown architecture {name!r}; choose one of: {', '.join(list_models())}")
+        raise ByotError(f"unknown architecture {name!r}; choose one of: "
+                        f"{', '.join(list_models())}, or a library backbone such as "
+                        "tv:resnet50 (`byot-edge models` lists them)")
     if stem not in STEMS:
         raise ByotError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
     if not 0 < width <= 4:
@@ -57,8 +67,7 @@ def model_from_config(config: dict[str, Any]) -> MultiExitNet:
 
 
 def _resnet(block: type, layers: list[int], c: ModelConfig) -> MultiExitNet:
-    stem, sections = resnet_sections(block, layers, in_chans=c.in_chans, stem=c.stem, width=c.width)
-    return MultiExitNet(c, stem, sections)
+    return MultiExitNet(c, resnet_backbone(block, layers, c))
 
 
 @register_model
@@ -87,10 +96,7 @@ def resnet152(c: ModelConfig) -> MultiExitNet:
 
 
 def _mobilenet(name: str, c: ModelConfig) -> MultiExitNet:
-    stem, sections, head_body = mobilenet_sections(
-        name, in_chans=c.in_chans, stem=c.stem, width=c.width
-    )
-    return MultiExitNet(c, stem, sections, head_body)
+    return MultiExitNet(c, mobilenet_backbone(name, c))
 
 
 @register_model
