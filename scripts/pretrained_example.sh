@@ -38,24 +38,4 @@ run() {  # run NAME OPTIONS...: train on the vehicles, then evaluate on their te
 run ft_pretrained --recipe finetune --pretrained "$WORK/pre_animals/best.pt"
 run scratch_quick --recipe quick
 run scratch_finetune --recipe finetune --backbone-lr 1
-.venv/bin/python - "$WORK" <<'PY'
-import json, sys
-from pathlib import Path
-
-work = Path(sys.argv[1])
-runs = {}
-for name in ("ft_pretrained", "scratch_quick", "scratch_finetune"):
-    ev = json.loads((work / f"{name}_test.json").read_text())
-    cfg = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-    runs[name] = {"test_top1": [r["top1"] for r in ev["exits"] if r["name"].startswith("exit")],
-                  "test_ensemble": ev["exits"][-1]["top1"], "test_images": ev["samples"],
-                  "epochs": len(cfg), "seconds": round(sum(c["seconds"] for c in cfg), 1)}
-pre = [json.loads(line) for line in (work / "pre_animals" / "metrics.jsonl").read_text().splitlines()]
-out = {"what": "ResNet-18 x0.5 (CIFAR stem), CIFAR-10 animals (6 classes, plain method, 10 "
-               "epochs) -> vehicles (4 classes, 4,000 training images, 10 epochs, BYOT)",
-       "pretrain_val_top1_deepest": pre[-1]["val_accuracy"][-1],
-       "runs": runs}
-path = Path("docs/results/pretrained_start_cifar10.json")
-path.write_text(json.dumps(out, indent=1) + "\n")
-print(json.dumps(out, indent=1))
-PY
+.venv/bin/python scripts/pretrained_example_summary.py "$WORK"

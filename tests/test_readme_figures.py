@@ -105,6 +105,10 @@ FIGURES: dict[str, tuple[str, list[Getter]]] = {
         lambda d: d["drift"]["clean_requests"],
         lambda d: d["drift"]["alarm_after_drifted_requests"],
     ]),
+    "A pretrained start": ("pretrained_start_cifar10.json", [
+        *(lambda d, k=k: pct(d["runs"]["ft_pretrained"]["test_top1"][k]) for k in range(4)),
+        *(lambda d, k=k: pct(d["runs"]["scratch_quick"]["test_top1"][k]) for k in range(4)),
+    ]),
     "Triton": ("triton_load_cpu_shared.json", [
         _throughput_ratio("triton-bls"), _throughput_ratio("triton-inprocess"),
         _throughput_ratio("serve"),
