@@ -91,12 +91,17 @@ fi
 # packages are reached through a .pth, after this venv's own numpy, and matplotlib's floor,
 # since the main venv's needs a newer numpy).
 VENV=$DIR/train-numpy1
-OWN=$(grep -iE '^(numpy|matplotlib)==' "$DIR/floors.txt" | tr '\n' ' ')
+FLOORS=$(grep -iE '^(numpy|matplotlib)==' "$DIR/floors.txt" | tr '\n' ' ')
+# and the [timm] extra's floor, without its dependencies (torch and the rest come from the
+# main venv through the .pth below)
+TIMM_FLOOR=$(.venv/bin/python -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['timm'][0].replace('>=', '=='))")
+OWN="$FLOORS $TIMM_FLOOR"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/floors.stamp" 2>/dev/null)" != "$OWN" ]; then
   rm -rf "$VENV"
   .venv/bin/python -m venv "$VENV"
   # shellcheck disable=SC2086  # one word per requirement
-  pipq "$VENV/bin/python" -m pip install --only-binary=:all: $OWN
+  pipq "$VENV/bin/python" -m pip install --only-binary=:all: $FLOORS
+  pipq "$VENV/bin/python" -m pip install --only-binary=:all: --no-deps "$TIMM_FLOOR"
   echo "$OWN" > "$VENV/floors.stamp"
 fi
 # Every run: the cached venv may have been made beside another checkout's main venv.
@@ -104,8 +109,9 @@ MAIN_SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('pur
 OWN_SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
 echo "import site; site.addsitedir('$MAIN_SITE')" > "$OWN_SITE/zz_main_venv.pth"
 echo "compat: training side with $("$VENV/bin/python" -c \
-  'import numpy, torch, sys; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}")')"
+  'import numpy, torch, timm, sys; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}, torch {torch.__version__}, timm {timm.__version__}")')"
 "$VENV/bin/python" -m pytest -p no:cacheprovider -m "not slow" "$@" \
   tests/test_data.py tests/test_train.py tests/test_losses.py tests/test_export_int8.py \
-  tests/test_calibrate_engine.py tests/test_bench.py || status=1
+  tests/test_calibrate_engine.py tests/test_bench.py tests/test_library_backbones.py \
+  tests/test_pretrained.py || status=1
 exit $status
