@@ -1,9 +1,11 @@
 """Library backbones (`tv:NAME`, `timm:NAME`) through the whole pipeline: cut, trained a
-step, exported with segments, answered by the runtime as PyTorch answers."""
+step, exported with segments (chained and joined into spans), answered by the runtime as
+PyTorch answers; int8 and TensorRT builds of one."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -15,6 +17,7 @@ from byot_edge.manifest import SEGMENT_ONNX, TRUNCATED_ONNX, TRUNCATED_TRT, load
 from byot_edge.models import create_model
 from byot_edge.models.library import library_names
 from byot_edge.runtime.anytime import AnytimeModel
+from byot_edge.runtime.backends.onnx_join import join_segments
 from byot_edge.train import train
 from byot_edge.train_config import config_from_recipe
 
@@ -60,6 +63,15 @@ def test_trains_exports_and_serves(arch, tmp_path):
         err = np.abs(outs[-1] - ref[k - 1]).max() / np.abs(ref[k - 1]).max()
         assert err <= RTOL, f"segment {k} of {arch}: {err}"
         h = outs[0]
+    # a span across exits that are off: segments 2..K joined, from section 1's output
+    joined = join_segments([onnx.load(deployed.file_path(k, SEGMENT_ONNX))
+                            for k in range(2, k_max + 1)])
+    session = ort.InferenceSession(joined.SerializeToString(), providers=["CPUExecutionProvider"])
+    first = ort.InferenceSession(str(deployed.file_path(1, SEGMENT_ONNX)),
+                                 providers=["CPUExecutionProvider"])
+    h1 = first.run(None, {first.get_inputs()[0].name: x.numpy()})[0]
+    (span,) = session.run(None, {session.get_inputs()[0].name: h1})
+    assert np.abs(span - ref[-1]).max() / np.abs(ref[-1]).max() <= RTOL
     runtime = AnytimeModel.load(tmp_path / "deploy" / "manifest.json", backend="onnxruntime",
                                 threads=1)
     for k in range(1, k_max + 1):
