@@ -12,7 +12,10 @@ due, whether or not the server kept up: byot_edge.loadgen.run_open_loop) goes to
 
 - deepest: the deepest exit alone (`exit=K`), no deadline;
 - cascade: the calibrated cascade, no deadline (what `serve` did before deadlines);
-- deadline: the calibrated cascade with `deadline_ms=D` and `serve --slo-ms D`.
+- deadline: the calibrated cascade with `deadline_ms=D` and `serve --slo-ms D` (its busy
+  rule at --slo-busy: first exits only while the server is busier than that);
+- queue-only: the same with `--slo-busy 1`, where only the queue moves answers to shallower
+  exits (what `--slo-ms` did before the busy rule).
 
 Each server is a fresh process pinned to --server-cpus, the client to --client-cpus. Per
 server and load: p50/p99 latency of the answers (from when each request was due), the share
@@ -42,7 +45,7 @@ from byot_edge.datasets import load_arrays
 from byot_edge.manifest import load_manifest
 from byot_edge.runtime.preprocess import normalise
 
-SERVERS = ("deepest", "cascade", "deadline")
+SERVERS = ("deepest", "cascade", "deadline", "queue-only")
 
 
 def payloads(images: np.ndarray, manifest: Any) -> list[loadgen.Payload]:
@@ -131,7 +134,7 @@ def metric(server: loadgen.ServerProcess, name: str, exit_: int) -> float:
 def drift_run(manifest: Path, args: argparse.Namespace, clean: list[loadgen.Payload],
               noisy: list[loadgen.Payload], rate: float, deadline_ms: float) -> dict[str, Any]:
     server = start(manifest, args.server_cpus, "--slo-ms", f"{deadline_ms:.3f}",
-                   "--audit-rate", str(args.audit_rate))
+                   "--slo-busy", str(args.slo_busy), "--audit-rate", str(args.audit_rate))
     params = {"deadline_ms": f"{deadline_ms:.3f}"}
     phases: list[dict[str, Any]] = []
     try:
@@ -211,6 +214,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000, help="test images sent (cycled)")
     ap.add_argument("--server-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
+    ap.add_argument("--slo-busy", type=float, default=0.7, help="the deadline server's")
     ap.add_argument("--audit-rate", type=float, default=0.1)
     ap.add_argument("--noise", type=float, default=64.0)
     ap.add_argument("--drift-load", type=float, default=0.5)
@@ -237,11 +241,13 @@ def main() -> None:
                                                      others.items()), flush=True)
     loads = [float(v) for v in args.loads.split(",")]
     runs: dict[str, dict[str, Any]] = {name: {} for name in args.servers.split(",")}
+    slo = {"deadline": ("--slo-ms", f"{deadline:.3f}", "--slo-busy", str(args.slo_busy)),
+           "queue-only": ("--slo-ms", f"{deadline:.3f}", "--slo-busy", "1")}
     for x in loads:
         for name in args.servers.split(","):
-            extra = ("--slo-ms", f"{deadline:.3f}") if name == "deadline" else ()
+            extra = slo.get(name, ())
             params = ({"exit": args.exits} if name == "deepest" else
-                      {"deadline_ms": f"{deadline:.3f}"} if name == "deadline" else {})
+                      {"deadline_ms": f"{deadline:.3f}"} if name in slo else {})
             server = start(args.manifest, args.server_cpus, *extra)
             try:
                 sent = loadgen.run_open_loop(server.url, x * cap, args.seconds, data, params,
@@ -249,7 +255,7 @@ def main() -> None:
             finally:
                 server.stop()
             row = runs[name][str(x)] = summarise(sent, labels, deadline, args.seconds)
-            print(f"{x:>4}x {name:>8}: within {100 * row['within_deadline']:5.1f}%  shed "
+            print(f"{x:>4}x {name:>10}: within {100 * row['within_deadline']:5.1f}%  shed "
                   f"{100 * row['shed']:5.1f}%  other 5xx {100 * row['other_5xx']:.1f}%  "
                   f"p50 {row['p50_ms']:8.2f}  p99 {row['p99_ms']:8.2f} ms  acc "
                   f"{100 * row['accuracy']:5.2f}%  exit {row['mean_exit']:.2f}  server-late "
@@ -263,7 +269,8 @@ def main() -> None:
                    f"CPU {args.client_cpus}, ONNX Runtime 1 thread",
         "capacity_rps": cap, "other_capacities_rps": others, "deepest_p50_ms": deepest_ms,
         "deadline_ms": deadline,
-        "deadline_x": args.deadline_x, "seconds": args.seconds, "images": len(images),
+        "deadline_x": args.deadline_x, "slo_busy": args.slo_busy, "seconds": args.seconds,
+        "images": len(images),
         "loads": loads, "runs": runs}
     results["exit_accuracy"] = exit_accuracies(args.manifest, images, labels)
     if not args.no_drift:

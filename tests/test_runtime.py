@@ -29,6 +29,7 @@ from byot_edge.plans import Plan
 from byot_edge.profiles import ExitTiming
 from byot_edge.runtime.anytime import AnytimeModel, PredictOptions
 from byot_edge.runtime.backends import get_backend
+from byot_edge.runtime.latency import resolve, select_profile
 from byot_edge.runtime.policies import (
     NEVER,
     ConfidenceThresholds,
@@ -426,6 +427,25 @@ def test_budget_picks_the_deepest_exit_the_profile_fits(fresh: Path) -> None:
     model = load(fresh, "onnxruntime")
     with pytest.warns(RuntimeWarning, match="Some GPU"):
         assert {p.exit for p in model.predict(x, budget_ms=25, stat="p90")} == {2}
+
+
+def test_a_batch_between_two_profiled_sizes_is_priced_between_them(fresh: Path) -> None:
+    m = load_manifest(fresh)
+    device = load(fresh, "onnxruntime").backend.device
+    one = _profile("onnxruntime", device, [10, 20, 30, 40], [10, 10, 10, 10])
+    five = dataclasses.replace(_profile("onnxruntime", device, [50, 100, 150, 200],
+                                        [50, 50, 50, 50]), batch=5)
+    m.latency_profiles = [one, five]
+    lat = resolve(select_profile(m, "onnxruntime", device, 3), "p90")
+    # Half way from batch 1's figures to batch 5's, not batch 5's (which priced a batch of
+    # 2 at 32's time and made a server shed what it could answer).
+    assert lat.exits == [30, 60, 90, 120] and lat.segments == [30, 30, 30, 30]
+    assert resolve(select_profile(m, "onnxruntime", device, 5), "p90").exits == [50, 100,
+                                                                                   150, 200]
+    m.save()
+    model = load(fresh, "onnxruntime")
+    assert {p.exit for p in model.predict(np.zeros((3, 3, 32, 32), np.float32),
+                                          budget_ms=65, stat="p90")} == {2}
 
 
 def test_a_profile_of_other_precision_files_is_not_taken_for_these(fresh: Path) -> None:

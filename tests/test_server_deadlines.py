@@ -7,6 +7,7 @@ call, with a latency profile saying so: what a slow device looks like, determini
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -21,9 +22,12 @@ import pytest
 from server_fixtures import Deployed, client, deployed_model, in_thread, wait_until
 from test_server_app import Requests, npy
 
+from byot_edge.errors import ByotError
 from byot_edge.manifest import load_manifest
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.audit import Audit, ExitAudit, Expectation
+from byot_edge.runtime.batching import Batcher
+from byot_edge.runtime.busy import BusyMeter
 from byot_edge.runtime.latency import Latencies
 from byot_edge.runtime.metrics import ServerMetrics
 from byot_edge.runtime.preprocess import load_images
@@ -187,7 +191,9 @@ def test_under_a_burst_the_slo_moves_answers_to_shallower_exits_before_it_sheds(
         for key in range(8):  # at once: 8 x 40 ms of deepest exits would end at 320 ms
             reqs.post(key, x[:1], **NEVER_EARLY)
         burst = reqs.join()
-        # No burst: the same request, alone, is answered by the cascade as without an SLO.
+        # Once the burst is over and the server has been idle a moment (its busy share falls
+        # within about 0.2 s), the same request alone is answered as without an SLO.
+        time.sleep(0.6)
         alone = post(c, x[:1], **NEVER_EARLY).json()
     assert {r.status_code for r in burst.values()} == {200}, [r.text for r in burst.values()]
     bodies = [r.json() for r in burst.values()]
@@ -207,6 +213,96 @@ def test_past_what_exit_1_can_keep_up_with_the_slo_sheds_with_504_only(
         statuses = [r.status_code for r in reqs.join().values()]
     assert set(statuses) == {200, 504}, statuses
     assert statuses.count(200) >= 3
+
+
+class FixedBusy(BusyMeter):
+    """A busy share the test sets."""
+
+    def __init__(self, share: float) -> None:
+        super().__init__()
+        self.value = share
+
+    def share(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(("busy", "degraded"), [(0.9, True), (0.5, False)])
+def test_a_busy_server_answers_at_first_exits_and_an_idle_one_runs_the_cascade(
+        slow: SlowModel, x: np.ndarray, busy: float, degraded: bool) -> None:
+    metrics = ServerMetrics(slow.num_exits)
+
+    async def go() -> Any:
+        batcher = Batcher(slow, max_batch=8, max_wait_ms=0, metrics=metrics,
+                          degrade_above=0.7, busy=FixedBusy(busy))
+        batcher.start()
+        try:  # a deadline with time for every exit (4 x 15 ms by the profile)
+            return await batcher.submit(x[:2], PredictOptions(threshold=1.0),
+                                        time.perf_counter() + 5.0)
+        finally:
+            await batcher.close()
+
+    answer = asyncio.run(go())
+    assert answer.result.exits == ([1, 1] if degraded else [slow.num_exits] * 2)
+    assert answer.deadline_left_ms > 0
+    text = metrics.render().decode()
+    assert f"byot_edge_busy_share {busy}" in text
+    assert f"byot_edge_degraded_batches_total {float(degraded)}" in text
+
+
+def test_without_the_rule_a_busy_share_changes_nothing(slow: SlowModel, x: np.ndarray) -> None:
+    async def go() -> Any:
+        batcher = Batcher(slow, max_batch=8, max_wait_ms=0, busy=FixedBusy(1.0))
+        batcher.start()
+        try:
+            return await batcher.submit(x[:1], PredictOptions(threshold=1.0),
+                                        time.perf_counter() + 5.0)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(go()).result.exits == [slow.num_exits]
+
+
+def test_the_busy_share_follows_the_model_and_the_event_loops_cpu() -> None:
+    meter = BusyMeter(tau_s=0.2, cpus=1)
+    assert meter.share() == 0.0  # the baseline
+    for _ in range(6):  # the model ran the whole time: the share climbs towards 1
+        t0 = time.perf_counter()
+        time.sleep(0.1)
+        meter.ran(time.perf_counter() - t0, 0.0)
+        climbing = meter.share()
+    assert climbing > 0.85
+    time.sleep(0.6)  # idle: it falls back
+    idle = meter.share()
+    assert idle < 0.1
+    end = time.thread_time() + 0.3
+    while time.thread_time() < end:  # this thread (the event loop's) busy on the CPU
+        pass
+    assert meter.share() > idle
+    time.sleep(0.01)  # readings closer than min_interval_s keep the last value
+    assert meter.share() == meter.share()
+
+
+def test_a_slow_batch_seen_once_cannot_lock_its_size_out_for_good(slow: SlowModel) -> None:
+    """What a batch size was seen to take raises its estimate; unseen, it fades back to the
+    profile's, so a size priced above the deadlines (and so never run, never seen again)
+    is tried again."""
+    batcher = Batcher(slow, max_batch=8, max_wait_ms=0)
+    options = PredictOptions(threshold=1.0)
+    profiled = batcher._first_cost_ms(4, options)
+    assert profiled == pytest.approx(PROFILED_MS)  # SlowModel's profile, at any size
+    batcher._first_seen[4] = (1000.0, time.perf_counter())
+    assert batcher._first_cost_ms(4, options) > 900  # just seen: it counts
+    assert batcher._first_cost_ms(3, options) > 900  # sizes 3 and 4 share a bucket
+    batcher._first_seen[4] = (1000.0, time.perf_counter() - 10)
+    assert batcher._first_cost_ms(4, options) == pytest.approx(profiled, abs=0.1)
+    deadline = time.perf_counter() + 0.5  # ample by the profile
+    assert batcher.hopeless(options, deadline, 4) is None
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5, float("nan")])
+def test_a_bad_slo_busy_is_refused_in_one_line(value: float) -> None:
+    with pytest.raises(ByotError, match="--slo-busy is a share"):
+        ServeConfig(slo_ms=50.0, slo_busy=value)
 
 
 def test_with_an_slo_and_no_overload_answers_are_exactly_the_calibrated_cascades(

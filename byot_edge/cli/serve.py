@@ -156,6 +156,10 @@ def serve_command(
              "within this many ms of its body arriving (its own deadline_ms when tighter); "
              "under load answers come from shallower exits instead of late, and only a request "
              "that not even exit 1 can answer in time gets 504.", show_default=False)] = None,
+    slo_busy: Annotated[float, typer.Option(
+        help="With --slo-ms: while the server uses more than this share of its CPUs (or the "
+             "model runs more than this share of the time), requests answer at their first "
+             "exits, leaving headroom for bursts. 1: only the queue decides.")] = 0.7,
     audit_rate: Annotated[float, typer.Option(
         help="Share of the early answers also run to the deepest exit while the server is "
              "idle, to watch their agreement against calibration's (/metrics: "
@@ -175,7 +179,7 @@ def serve_command(
                          max_upload_mb=max_upload_mb, max_bodies_mb=max_bodies_mb,
                          max_connections=max_connections, body_timeout_s=body_timeout_s,
                          token=token, model_name=model_name, slo_ms=slo_ms,
-                         audit_rate=audit_rate)
+                         slo_busy=slo_busy, audit_rate=audit_rate)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)

@@ -45,9 +45,11 @@ import numpy as np
 from byot_edge.errors import ByotError, RequestError
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.audit import Audit
+from byot_edge.runtime.busy import BusyMeter
 from byot_edge.runtime.metrics import ServerMetrics
 
 T = TypeVar("T")
+SEEN_FADE_S = 1.0  # how fast an observed batch cost fades back to the profile's, unseen
 log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log format
 
 
@@ -163,6 +165,7 @@ class _Run:
     ranked_classes: np.ndarray | None
     ranked_probabilities: np.ndarray | None
     exit_counts: dict[int, int]
+    cpu_s: float  # the inference thread's CPU time for it (runtime/busy.py)
 
 
 def _exit_counts(exits: list[int]) -> dict[int, int]:
@@ -171,10 +174,15 @@ def _exit_counts(exits: list[int]) -> dict[int, int]:
 
 class Batcher:
     def __init__(self, model: AnytimeModel, *, max_batch: int, max_wait_ms: float,
-                 metrics: ServerMetrics | None = None, deadline_stat: str = "p90") -> None:
+                 metrics: ServerMetrics | None = None, deadline_stat: str = "p90",
+                 degrade_above: float | None = None, busy: BusyMeter | None = None) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ByotError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} "
                             f"and {max_wait_ms}")
+        # Degrade before dropping (serve --slo-ms): while the server is busier than this
+        # share (runtime/busy.py), batches with deadlines answer at their first exits.
+        self.degrade_above = degrade_above
+        self.busy = busy or BusyMeter()
         self.model = model
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
@@ -192,10 +200,10 @@ class Batcher:
         self._shed = False
         # (samples, options) -> first_answer_ms: the profile does not change while serving
         self._first_ms: dict[tuple[int, PredictOptions], float] = {}
-        # Batch size (rounded up to a power of 2) -> moving average of the ms its runs took
-        # to their first answers here: beside the server's own HTTP work on a small machine
-        # that can be twice what the profile, timed alone, says.
-        self._first_seen: dict[int, float] = {}
+        # Batch size (rounded up to a power of 2) -> (moving average of the ms its runs took
+        # to their first answers here, when last seen): beside the server's own HTTP work on
+        # a small machine that can be twice what the profile, timed alone, says.
+        self._first_seen: dict[int, tuple[float, float]] = {}
         self._samples = 0  # in _pending
         self._arrived = asyncio.Event()
         # Set while nothing waits and nothing runs: when the audit may use the machine.
@@ -291,14 +299,23 @@ class Batcher:
     def _first_cost_ms(self, samples: int, options: PredictOptions) -> float:
         """What a batch of `samples` takes to its first answers: the profile's figure, or
         what such batches took here when that was more."""
-        seen = self._first_seen.get(1 << (samples - 1).bit_length(), 0.0)
-        return max(self._first_answer_ms(samples, options), seen)
+        profiled = self._first_answer_ms(samples, options)
+        seen = self._first_seen.get(1 << (samples - 1).bit_length())
+        if seen is None or seen[0] <= profiled:
+            return profiled
+        # What was seen fades back to the profile unless seen again: a size whose estimate
+        # went above the deadlines (one slow run) would otherwise never run, so never be
+        # seen again, and its requests be refused for good.
+        ms, at = seen
+        fade = math.exp(-(time.perf_counter() - at) / SEEN_FADE_S)
+        return profiled + (ms - profiled) * fade
 
     def _observe_first(self, samples: int, result: CascadeResult, seconds: float) -> None:
         bucket = 1 << (samples - 1).bit_length()
         ms = result.step_ms[0][1] if result.step_ms else seconds * 1e3
         old = self._first_seen.get(bucket)
-        self._first_seen[bucket] = ms if old is None else 0.8 * old + 0.2 * ms
+        self._first_seen[bucket] = (ms if old is None else 0.8 * old[0] + 0.2 * ms,
+                                    time.perf_counter())
 
     async def submit(self, x: np.ndarray, options: PredictOptions,
                      deadline: float | None = None) -> Answer:
@@ -412,13 +429,26 @@ class Batcher:
             cap = min(cap, (key - now) * 1e3 - runs * first)
         return cap
 
+    def _saturated(self) -> bool:
+        """Whether the server is too busy for any batch to go past its first exits (only
+        with degrade_above; a request refused for its deadline sets _shed as well)."""
+        if self.degrade_above is None:
+            return False
+        share = self.busy.share()
+        if self.metrics is not None:
+            self.metrics.busy.set(share)
+        return share > self.degrade_above
+
     def _time_left(self, group: list[_Job], started: float) -> list[float] | None:
         """Per sample of the batch, the ms its request has left (less what the requests
         waiting behind it need); None when none of it has a deadline or waits behind it."""
-        cap = 0.0 if self._shed else self._queue_cap_ms(started)
+        degrade = self._shed or self._saturated()
         self._shed = False
+        cap = 0.0 if degrade else self._queue_cap_ms(started)
         if cap == math.inf and all(job.deadline is None for job in group):
             return None
+        if degrade and self.metrics is not None:
+            self.metrics.degraded.inc()
         left: list[float] = []
         for job in group:
             own = math.inf if job.deadline is None else (job.deadline - started) * 1e3
@@ -429,6 +459,7 @@ class Batcher:
                time_left_ms: list[float] | None = None) -> _Run:
         # The runtime's warnings are in result.warnings (each answer carries them); here
         # they go to the log, once each, and a `-W error` setting cannot fail a batch.
+        cpu = time.thread_time()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = (self.model.run_checked(x, options) if time_left_ms is None else
@@ -439,11 +470,12 @@ class Batcher:
                 log.warning("%s", w.message)
         probs = result.probabilities
         if probs is None:
-            return _Run(result, None, None, None, _exit_counts(result.exits))
+            return _Run(result, None, None, None, _exit_counts(result.exits),
+                        time.thread_time() - cpu)
         # Ranking per batch, here, rather than per request on the event loop.
         order = np.argsort(-probs, axis=1, kind="stable")
         return _Run(result, probs, order, np.take_along_axis(probs, order, axis=1),
-                    _exit_counts(result.exits))
+                    _exit_counts(result.exits), time.thread_time() - cpu)
 
     async def _run(self, options: PredictOptions, group: list[_Job]) -> None:
         x = group[0].x if len(group) == 1 else np.concatenate([j.x for j in group])
@@ -459,6 +491,7 @@ class Batcher:
         answered = time.perf_counter()
         seconds = answered - started
         self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
+        self.busy.ran(seconds, run.cpu_s)
         result, probs = run.result, run.probabilities
         self._observe_first(len(x), result, seconds)
         if self.metrics is not None:

@@ -67,6 +67,13 @@ class ServerMetrics:
         self.in_flight = Gauge("byot_edge_requests_in_flight", "Prediction requests held by "
                                "the server (being read, waiting or running); bounded by "
                                "--max-queue", registry=r)
+        # Degrade before dropping (serve --slo-ms; runtime/busy.py)
+        self.busy = Gauge("byot_edge_busy_share", "Share of its CPUs (or of the time, for "
+                          "the model) the server used lately, as --slo-ms reads it",
+                          registry=r)
+        self.degraded = Counter("byot_edge_degraded_batches", "Model runs answered at their "
+                                "first exits because the server was busy or had shed "
+                                "(--slo-ms)", registry=r)
         # The online audit (runtime/audit.py), per shallow exit
         exit_label = ["exit"]
         self.audit_samples = Counter("byot_edge_audit_samples", "Early answers audited: also "

@@ -43,6 +43,10 @@ class ServeConfig:
     # (its own when tighter), so under load answers come from shallower exits rather than
     # late (docs/serving.md, "Deadlines"). None: off.
     slo_ms: float | None = None
+    # With slo_ms: while the server is busier than this share of its CPUs (or the model
+    # runs this share of the time), batches answer at their first exits, so that bursts
+    # find headroom rather than a full core (runtime/busy.py). 1: only the queue decides.
+    slo_busy: float = 0.7
     # The online audit: this share of the samples answered before the deepest exit also
     # run to it, off the request's path, to watch the exits' agreement (runtime/audit.py).
     audit_rate: float = 0.0
@@ -68,6 +72,9 @@ class ServeConfig:
         if self.slo_ms is not None and not (0 < self.slo_ms <= MAX_DEADLINE_MS):
             raise ByotError(f"--slo-ms must be a number of milliseconds in (0, "
                             f"{MAX_DEADLINE_MS:g}], got {self.slo_ms}")
+        if not 0 < self.slo_busy <= 1:
+            raise ByotError(f"--slo-busy is a share of the server's CPUs in (0, 1] (e.g. 0.7; "
+                            f"1 turns the rule off), got {self.slo_busy}")
         if not 0 <= self.audit_rate <= 1:
             raise ByotError(f"--audit-rate is the share of early answers to audit, in [0, 1] "
                             f"(e.g. 0.02), got {self.audit_rate}")

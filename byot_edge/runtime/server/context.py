@@ -61,7 +61,9 @@ class ServerContext:
     async def start(self) -> None:
         """Start the batching worker and warm the model up in it (in the background)."""
         self.batcher = Batcher(self.model, max_batch=self.config.max_batch,
-                               max_wait_ms=self.config.max_wait_ms, metrics=self.metrics)
+                               max_wait_ms=self.config.max_wait_ms, metrics=self.metrics,
+                               degrade_above=None if self.config.slo_ms is None
+                               else self.config.slo_busy)
         self.batcher.start()
         self._warming = asyncio.create_task(self._warm(self.batcher))
 
