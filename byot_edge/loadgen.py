@@ -30,15 +30,16 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import numpy as np
 
 HOST = "127.0.0.1"  # loopback only
+T = TypeVar("T")
 
 # -- the client ---------------------------------------------------------------------------
 
@@ -225,6 +226,7 @@ class Sent:
     classes: tuple[int, ...] = ()  # 200 only: per sample, the class answered
     server_ms: float | None = None  # 200 only: the server's own latency_ms
     deadline_left_ms: float | None = None  # 200 with a deadline: what the server had left
+    send_lag_ms: float | None = None  # how late the client itself began sending it
 
 
 async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[Payload],
@@ -250,6 +252,7 @@ async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[P
             sent.append(Sent(int(order[i]), at, 0, float("nan")))
             return
         p = payloads[int(order[i])]
+        lag = (time.perf_counter() - t0 - at) * 1e3
         try:
             status, _, data = await asyncio.wait_for(conn.request(
                 "POST", target, p.content, {"Content-Type": p.content_type, **headers}),
@@ -257,18 +260,19 @@ async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[P
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
             await conn.close()
             open_connections -= 1
-            sent.append(Sent(int(order[i]), at, 0, (time.perf_counter() - t0 - at) * 1e3))
+            sent.append(Sent(int(order[i]), at, 0, (time.perf_counter() - t0 - at) * 1e3,
+                             send_lag_ms=lag))
             return
         ms = (time.perf_counter() - t0 - at) * 1e3
         idle.append(conn)
         if status != 200:
-            sent.append(Sent(int(order[i]), at, status, ms))
+            sent.append(Sent(int(order[i]), at, status, ms, send_lag_ms=lag))
             return
         doc = json.loads(data)
         preds = doc["predictions"]
         sent.append(Sent(int(order[i]), at, status, ms, tuple(q["exit"] for q in preds),
                          tuple(q["index"] for q in preds), doc.get("latency_ms"),
-                         doc.get("deadline_left_ms")))
+                         doc.get("deadline_left_ms"), lag))
 
     tasks = []
     for i, at in enumerate(due):
@@ -292,8 +296,18 @@ def run_open_loop(url: str, rate_rps: float, seconds: float, payloads: list[Payl
     on an idle keep-alive connection or a new one (up to `max_connections`). Latency counts
     from when a request was due."""
     target = "/v1/predict" + (f"?{urlencode(params)}" if params else "")
-    return asyncio.run(_open_loop(url, rate_rps, seconds, payloads, target, headers or {},
-                                  seed, timeout_s, max_connections))
+    return _run_fast(_open_loop(url, rate_rps, seconds, payloads, target, headers or {},
+                                seed, timeout_s, max_connections))
+
+
+def _run_fast(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed (the serve extra brings it): the client's own
+    delays count in every latency it measures, so it should have as few as it can."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def npy_payloads(x: np.ndarray) -> list[Payload]:

@@ -163,6 +163,67 @@ def test_a_deadline_no_exit_can_meet_is_answered_504_at_once(slow: SlowModel,
     assert 'byot_edge_rejected_requests_total{reason="deadline"} 2.0' in metrics
 
 
+class PerSampleSlowModel(SlowModel):
+    """SlowModel whose profile says each sample costs PER_SAMPLE_MS per segment."""
+
+    def _profiled(self, n: int, stat: str, notes: list[str]) -> Latencies:
+        k = self.num_exits
+        return Latencies(truncated=[PER_SAMPLE_MS * n * e for e in range(1, k + 1)],
+                         segments=[PER_SAMPLE_MS * n] * k)
+
+
+PER_SAMPLE_MS = 50.0
+
+
+def test_a_batch_stops_growing_before_it_would_answer_its_earliest_request_late(
+        deployed: Deployed, x: np.ndarray) -> None:
+    with PerSampleSlowModel.load(deployed.manifest, threads=1) as model, \
+            serving(model, max_batch=8) as c:
+        reqs = Requests(c)
+        # Request 0 holds the model (as block() does) with 8 samples: what a batch of 8 is
+        # seen to take (the wait included) then counts, not what smaller batches take.
+        model.gate.clear()  # type: ignore[attr-defined]
+        reqs.post(0, np.concatenate([x] * 8)[:8], exit=1)
+        assert model.entered.wait(30)  # type: ignore[attr-defined]
+        reqs.post(1, x[:1], deadline_ms=400)  # about 200 ms left when its turn comes
+        time.sleep(0.05)
+        for key in range(2, 9):  # ample deadlines, after request 1's
+            reqs.post(key, x[:1], deadline_ms=20_000)
+        time.sleep(0.15)
+        model.gate.set()  # type: ignore[attr-defined]
+        responses = reqs.join()
+    assert {r.status_code for r in responses.values()} == {200}, \
+        {k: (r.status_code, r.text[-200:]) for k, r in responses.items()}
+    sizes = [n for n, _ in model.runs[1:]]  # type: ignore[attr-defined]
+    # A batch of 8 would take 400 ms by the profile to its first answers; request 1 had
+    # about 200: its batch stopped at what fits (3 or so), the rest ran after it.
+    assert sum(sizes) == 8 and 1 <= sizes[0] <= 4, sizes
+    assert responses[1].json()["deadline_left_ms"] > 0
+
+
+def test_a_tight_request_behind_lax_ones_is_priced_by_what_runs_before_it(
+        deployed: Deployed, x: np.ndarray) -> None:
+    """Earliest deadline first: a request that will run first is not refused for the
+    queue behind it (8 waiting x 50 ms by the profile is 400 ms; it has 300)."""
+    with PerSampleSlowModel.load(deployed.manifest, threads=1) as model, \
+            serving(model, max_batch=8) as c:
+        reqs = Requests(c)
+        model.gate.clear()  # type: ignore[attr-defined]
+        reqs.post(0, np.concatenate([x] * 8)[:8], exit=1)
+        assert model.entered.wait(30)  # type: ignore[attr-defined]
+        for key in range(1, 8):
+            reqs.post(key, x[:1], deadline_ms=20_000)
+        time.sleep(0.1)
+        reqs.post(8, x[:1], deadline_ms=300)
+        time.sleep(0.05)
+        model.gate.set()  # type: ignore[attr-defined]
+        responses = reqs.join()
+    assert responses[8].status_code == 200, responses[8].text
+    assert responses[8].json()["deadline_left_ms"] > 0
+    first = model.runs[1]  # type: ignore[attr-defined]
+    assert first[1] is not None and min(first[1]) < 300  # its batch ran first
+
+
 def test_waiting_requests_run_earliest_deadline_first(slow: SlowModel, x: np.ndarray) -> None:
     with serving(slow, max_batch=1) as c:
         reqs = Requests(c)

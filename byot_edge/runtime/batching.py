@@ -266,10 +266,11 @@ class Batcher:
     def hopeless(self, options: PredictOptions, deadline: float, samples: int = 1,
                  now: float | None = None) -> DeadlineMissed | None:
         """Why a request with `deadline` (perf_counter seconds) cannot be answered in time
-        even by its first possible answer (by the profile, at `samples`), else None."""
+        even by its first possible answer (by the profile, in a batch of `samples`), else
+        None."""
         now = time.perf_counter() if now is None else now
         left_ms = (deadline - now) * 1e3
-        need_ms = self._first_cost_ms(min(self.max_batch, samples + self._samples), options)
+        need_ms = self._first_cost_ms(min(self.max_batch, samples), options)
         if left_ms > need_ms:
             return None
         what = "the first exit it could answer from" if options.exit is None else \
@@ -330,7 +331,8 @@ class Batcher:
             raise BatcherClosed("the server is shutting down")
         if not 1 <= len(x) <= self.max_batch:
             raise ByotError(f"a request holds 1..{self.max_batch} samples, got {len(x)}")
-        if deadline is not None and (missed := self.hopeless(options, deadline, len(x))):
+        if deadline is not None and (missed := self.hopeless(
+                options, deadline, len(x) + self._ahead(deadline))):
             self._missed()
             raise missed
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
@@ -343,6 +345,14 @@ class Batcher:
         if len(self._pending) == 1 or self._samples >= self.max_batch:
             self._arrived.set()  # the worker waits for a first request, or for a full batch
         return await future  # a cancelled await cancels the future: the job is skipped
+
+    def _ahead(self, deadline: float) -> int:
+        """Samples waiting that would run before a request with `deadline` (earliest
+        deadline first): the batch it would join, at least. The whole queue overpriced a
+        tight request that would run first, and it was refused though it could be met."""
+        if not self._with_deadline:
+            return 0
+        return sum(len(job.x) for key, _, job in self._pending if key <= deadline)
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -395,19 +405,26 @@ class Batcher:
         jobs: list[_Job] = []
         samples = 0
         now = time.perf_counter()
+        tightest = math.inf  # the earliest deadline in the batch so far
         while self._pending and samples + len(self._pending[0][2].x) <= self.max_batch:
+            head = self._pending[0][2]
+            if tightest < math.inf and (tightest - now) * 1e3 < self._first_cost_ms(
+                    samples + len(head.x), head.options):
+                break  # a larger batch would answer its earliest request late: next batch
             job = heapq.heappop(self._pending)[2]
             self._samples -= len(job.x)
             self._with_deadline -= job.deadline is not None
             if job.future.done():  # its client went away
                 continue
             if job.deadline is not None and (missed := self.hopeless(
-                    job.options, job.deadline, len(job.x), now)):
+                    job.options, job.deadline, samples + len(job.x), now)):
                 self._missed()  # too late already: answered now, not after a run
                 job.future.set_exception(missed)
                 continue
             jobs.append(job)
             samples += len(job.x)
+            if job.deadline is not None:
+                tightest = min(tightest, job.deadline)
         self._gauge()
         return jobs
 
