@@ -224,6 +224,23 @@ def test_a_tight_request_behind_lax_ones_is_priced_by_what_runs_before_it(
     assert first[1] is not None and min(first[1]) < 300  # its batch ran first
 
 
+def test_a_batch_is_held_to_its_tightest_request(slow: SlowModel, x: np.ndarray) -> None:
+    """Every answer of a batch is handed back when the whole batch is done, so a request
+    with time to spare cannot take its batch past a tighter one's deadline."""
+    with serving(slow, max_batch=8) as c:
+        reqs = Requests(c)
+        block(slow, reqs, x)
+        reqs.post(1, x[:1], deadline_ms=600, **NEVER_EARLY)
+        reqs.post(2, x[:1], deadline_ms=20_000, **NEVER_EARLY)
+        time.sleep(0.2)
+        slow.gate.set()
+        responses = reqs.join()
+    assert {r.status_code for r in responses.values()} == {200}
+    (n, left), = [run for run in slow.runs if run[1] is not None]
+    assert n == 2 and left[0] == left[1] < 600, left
+    assert responses[1].json()["deadline_left_ms"] > 0
+
+
 def test_waiting_requests_run_earliest_deadline_first(slow: SlowModel, x: np.ndarray) -> None:
     with serving(slow, max_batch=1) as c:
         reqs = Requests(c)

@@ -313,7 +313,13 @@ class Batcher:
 
     def _observe_first(self, samples: int, result: CascadeResult, seconds: float) -> None:
         bucket = 1 << (samples - 1).bit_length()
-        ms = result.step_ms[0][1] if result.step_ms else seconds * 1e3
+        # From the batch's start until its first answers would be back on the event loop:
+        # the whole run less its later steps. The hand-offs to the inference thread and
+        # back, and a busy loop's delay in taking the answers, count: on a loaded server
+        # they made answers late that the model alone had time for.
+        ms = seconds * 1e3
+        if result.step_ms:
+            ms -= result.step_ms[-1][1] - result.step_ms[0][1]
         old = self._first_seen.get(bucket)
         self._first_seen[bucket] = (ms if old is None else 0.8 * old[0] + 0.2 * ms,
                                     time.perf_counter())
@@ -457,8 +463,10 @@ class Batcher:
         return share > self.degrade_above
 
     def _time_left(self, group: list[_Job], started: float) -> list[float] | None:
-        """Per sample of the batch, the ms its request has left (less what the requests
-        waiting behind it need); None when none of it has a deadline or waits behind it."""
+        """Per sample of the batch, the ms it may take: what the batch's tightest request
+        has left (every answer is handed back when the whole batch is done), less what the
+        requests waiting behind it need; None when none of it has a deadline or waits
+        behind it."""
         degrade = self._shed or self._saturated()
         self._shed = False
         cap = 0.0 if degrade else self._queue_cap_ms(started)
@@ -466,11 +474,10 @@ class Batcher:
             return None
         if degrade and self.metrics is not None:
             self.metrics.degraded.inc()
-        left: list[float] = []
-        for job in group:
-            own = math.inf if job.deadline is None else (job.deadline - started) * 1e3
-            left += [min(own, cap)] * len(job.x)
-        return left
+        tightest = min((job.deadline for job in group if job.deadline is not None),
+                       default=math.inf)
+        ms = min((tightest - started) * 1e3, cap)
+        return [ms] * sum(len(job.x) for job in group)
 
     def _infer(self, x: np.ndarray, options: PredictOptions,
                time_left_ms: list[float] | None = None) -> _Run:
