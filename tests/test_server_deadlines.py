@@ -360,21 +360,26 @@ def test_the_busy_share_follows_the_model_and_the_event_loops_cpu() -> None:
     assert meter.share() == meter.share()
 
 
-def test_a_slow_batch_seen_once_cannot_lock_its_size_out_for_good(slow: SlowModel) -> None:
-    """What a batch size was seen to take raises its estimate; unseen, it fades back to the
-    profile's, so a size priced above the deadlines (and so never run, never seen again)
-    is tried again."""
+def test_a_slowdown_seen_once_cannot_lock_requests_out_for_good(slow: SlowModel) -> None:
+    """How much slower than the profile batches ran raises every estimate; unseen, it fades
+    back to the profile's, so a slow spell that priced every request above its deadline
+    (and so ran no batch that could show it had passed) does not refuse them for good."""
     batcher = Batcher(slow, max_batch=8, max_wait_ms=0)
     options = PredictOptions(threshold=1.0)
     profiled = batcher._first_cost_ms(4, options)
     assert profiled == pytest.approx(PROFILED_MS)  # SlowModel's profile, at any size
-    batcher._first_seen[4] = (1000.0, time.perf_counter())
-    assert batcher._first_cost_ms(4, options) > 900  # just seen: it counts
-    assert batcher._first_cost_ms(3, options) > 900  # sizes 3 and 4 share a bucket
-    batcher._first_seen[4] = (1000.0, time.perf_counter() - 10)
-    assert batcher._first_cost_ms(4, options) == pytest.approx(profiled, abs=0.1)
-    deadline = time.perf_counter() + 0.5  # ample by the profile
+    batcher._slowdown, batcher._slowdown_at = 3.0, time.perf_counter()
+    assert batcher._first_cost_ms(4, options) == pytest.approx(3 * PROFILED_MS, rel=0.05)
+    assert batcher._first_cost_ms(1, options) > 2.5 * PROFILED_MS  # every size
+    batcher._slowdown_at = time.perf_counter() - 10
+    assert batcher._first_cost_ms(4, options) == pytest.approx(profiled, rel=1e-3)
+    deadline = time.perf_counter() + 0.05  # 50 ms: enough by the profile (15 ms)
     assert batcher.hopeless(options, deadline, 4) is None
+    # A batch that took twice the profile's time raises the slowdown a fifth of the way.
+    run = CascadeResult.__new__(CascadeResult)
+    run.step_ms = []
+    batcher._observe_first(4, options, run, 2 * PROFILED_MS / 1e3)
+    assert batcher._slowdown == pytest.approx(1.2, rel=1e-3)
 
 
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.5, float("nan")])

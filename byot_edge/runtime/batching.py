@@ -49,7 +49,7 @@ from byot_edge.runtime.busy import BusyMeter
 from byot_edge.runtime.metrics import ServerMetrics
 
 T = TypeVar("T")
-SEEN_FADE_S = 1.0  # how fast an observed batch cost fades back to the profile's, unseen
+SEEN_FADE_S = 1.0  # how fast an observed slowdown fades back to the profile's figures, unseen
 log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log format
 
 
@@ -200,10 +200,13 @@ class Batcher:
         self._shed = False
         # (samples, options) -> first_answer_ms: the profile does not change while serving
         self._first_ms: dict[tuple[int, PredictOptions], float] = {}
-        # Batch size (rounded up to a power of 2) -> (moving average of the ms its runs took
-        # to their first answers here, when last seen): beside the server's own HTTP work on
-        # a small machine that can be twice what the profile, timed alone, says.
-        self._first_seen: dict[int, tuple[float, float]] = {}
+        # How much longer than the profile says batches took here to their first answers (a
+        # moving average of the ratio, and when it was last updated): beside the server's
+        # own HTTP work on a small machine a batch of 10 at exit 1 took twice what the
+        # profile, timed alone, says. One ratio for every size: sizes seen rarely (the
+        # large batches of a burst) are priced by what the common ones showed.
+        self._slowdown = 1.0
+        self._slowdown_at = 0.0
         self._samples = 0  # in _pending
         self._arrived = asyncio.Event()
         # Set while nothing waits and nothing runs: when the audit may use the machine.
@@ -298,21 +301,22 @@ class Batcher:
         return ms
 
     def _first_cost_ms(self, samples: int, options: PredictOptions) -> float:
-        """What a batch of `samples` takes to its first answers: the profile's figure, or
-        what such batches took here when that was more."""
-        profiled = self._first_answer_ms(samples, options)
-        seen = self._first_seen.get(1 << (samples - 1).bit_length())
-        if seen is None or seen[0] <= profiled:
-            return profiled
-        # What was seen fades back to the profile unless seen again: a size whose estimate
-        # went above the deadlines (one slow run) would otherwise never run, so never be
-        # seen again, and its requests be refused for good.
-        ms, at = seen
-        fade = math.exp(-(time.perf_counter() - at) / SEEN_FADE_S)
-        return profiled + (ms - profiled) * fade
+        """What a batch of `samples` takes to its first answers: the profile's figure,
+        times how much slower than that batches were here lately (never less)."""
+        return self._first_answer_ms(samples, options) * max(self._slowdown_now(), 1.0)
 
-    def _observe_first(self, samples: int, result: CascadeResult, seconds: float) -> None:
-        bucket = 1 << (samples - 1).bit_length()
+    def _slowdown_now(self) -> float:
+        """The slowdown, faded back towards 1 unless seen again: one that rose above what
+        the deadlines allow (a slow spell) would otherwise refuse every request, so no
+        batch would run to bring it down again."""
+        fade = math.exp(-(time.perf_counter() - self._slowdown_at) / SEEN_FADE_S)
+        return 1.0 + (self._slowdown - 1.0) * fade
+
+    def _observe_first(self, samples: int, options: PredictOptions, result: CascadeResult,
+                       seconds: float) -> None:
+        profiled = self._first_answer_ms(samples, options)
+        if profiled <= 0:  # no profile to compare with
+            return
         # From the batch's start until its first answers would be back on the event loop:
         # the whole run less its later steps. The hand-offs to the inference thread and
         # back, and a busy loop's delay in taking the answers, count: on a loaded server
@@ -320,9 +324,8 @@ class Batcher:
         ms = seconds * 1e3
         if result.step_ms:
             ms -= result.step_ms[-1][1] - result.step_ms[0][1]
-        old = self._first_seen.get(bucket)
-        self._first_seen[bucket] = (ms if old is None else 0.8 * old[0] + 0.2 * ms,
-                                    time.perf_counter())
+        self._slowdown = 0.8 * self._slowdown_now() + 0.2 * ms / profiled
+        self._slowdown_at = time.perf_counter()
 
     async def submit(self, x: np.ndarray, options: PredictOptions,
                      deadline: float | None = None) -> Answer:
@@ -472,7 +475,7 @@ class Batcher:
         cap = 0.0 if degrade else self._queue_cap_ms(started)
         if cap == math.inf and all(job.deadline is None for job in group):
             return None
-        if degrade and self.metrics is not None:
+        if degrade and self.metrics is not None and any(j.deadline is not None for j in group):
             self.metrics.degraded.inc()
         tightest = min((job.deadline for job in group if job.deadline is not None),
                        default=math.inf)
@@ -517,7 +520,7 @@ class Batcher:
         self._run_s = seconds if not self._run_s else 0.8 * self._run_s + 0.2 * seconds
         self.busy.ran(seconds, run.cpu_s)
         result, probs = run.result, run.probabilities
-        self._observe_first(len(x), result, seconds)
+        self._observe_first(len(x), options, result, seconds)
         if self.metrics is not None:
             self.metrics.observe_batch(len(x), len(group), seconds, run.exit_counts)
         if self.audit is not None:
