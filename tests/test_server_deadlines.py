@@ -26,7 +26,7 @@ from byot_edge.errors import ByotError
 from byot_edge.manifest import load_manifest
 from byot_edge.runtime.anytime import AnytimeModel, CascadeResult, PredictOptions
 from byot_edge.runtime.audit import Audit, ExitAudit, Expectation
-from byot_edge.runtime.batching import Batcher
+from byot_edge.runtime.batching import Answer, Batcher
 from byot_edge.runtime.busy import BusyMeter
 from byot_edge.runtime.latency import Latencies
 from byot_edge.runtime.metrics import ServerMetrics
@@ -380,6 +380,14 @@ def test_a_slowdown_seen_once_cannot_lock_requests_out_for_good(slow: SlowModel)
     run.step_ms = []
     batcher._observe_first(4, options, run, 2 * PROFILED_MS / 1e3)
     assert batcher._slowdown == pytest.approx(1.2, rel=1e-3)
+    # An answer that took 10 ms after it was ready to reach its request adds a fifth of
+    # that to every estimate (a moving average), fading too.
+    batcher._slowdown = 1.0
+    answer = Answer(run, None, 1, 1, 0.0, ready_at=time.perf_counter() - 0.010)
+    batcher.handed_back(answer)
+    assert batcher._first_cost_ms(4, options) == pytest.approx(PROFILED_MS + 2.0, abs=0.2)
+    batcher._handback_at -= 10
+    assert batcher._first_cost_ms(4, options) == pytest.approx(PROFILED_MS, abs=0.01)
 
 
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.5, float("nan")])

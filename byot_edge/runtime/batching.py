@@ -140,6 +140,14 @@ class Answer:
     # With a deadline: the ms it still had when the answer was ready (negative: late)
     deadline_left_ms: float | None = None
     deadline_ms: float | None = None  # the deadline it was given (the server sets it)
+    deadline_at: float | None = None  # that deadline, perf_counter seconds
+    ready_at: float = 0.0  # when the answer was ready (perf_counter seconds)
+
+    def deadline_left_now_ms(self) -> float | None:
+        """The ms its deadline has left now: what a response reports as it is written,
+        after the event loop came back to the request (a busy loop takes a while)."""
+        return None if self.deadline_at is None else \
+            (self.deadline_at - time.perf_counter()) * 1e3
 
 
 @dataclass
@@ -207,6 +215,11 @@ class Batcher:
         # large batches of a burst) are priced by what the common ones showed.
         self._slowdown = 1.0
         self._slowdown_at = 0.0
+        # How long answers took, once ready, to be back with their requests (a moving
+        # average, ms): the event loop takes them in turn with the requests arriving, and
+        # under overload that made answers late at the client that were ready in time.
+        self._handback_ms = 0.0
+        self._handback_at = 0.0
         self._samples = 0  # in _pending
         self._arrived = asyncio.Event()
         # Set while nothing waits and nothing runs: when the audit may use the machine.
@@ -302,8 +315,19 @@ class Batcher:
 
     def _first_cost_ms(self, samples: int, options: PredictOptions) -> float:
         """What a batch of `samples` takes to its first answers: the profile's figure,
-        times how much slower than that batches were here lately (never less)."""
-        return self._first_answer_ms(samples, options) * max(self._slowdown_now(), 1.0)
+        times how much slower than that batches were here lately (never less), and the
+        time answers took lately to get back to their requests."""
+        fade = math.exp(-(time.perf_counter() - self._handback_at) / SEEN_FADE_S)
+        return (self._first_answer_ms(samples, options) * max(self._slowdown_now(), 1.0)
+                + self._handback_ms * fade)
+
+    def handed_back(self, answer: Answer) -> None:
+        """The request `answer` was for has it now (the server calls this)."""
+        now = time.perf_counter()
+        ms = (now - answer.ready_at) * 1e3
+        fade = math.exp(-(now - self._handback_at) / SEEN_FADE_S)
+        self._handback_ms = 0.8 * self._handback_ms * fade + 0.2 * ms
+        self._handback_at = now
 
     def _slowdown_now(self) -> float:
         """The slowdown, faded back towards 1 unless seen again: one that rose above what
@@ -541,4 +565,4 @@ class Batcher:
                     len(group), queue_ms,
                     None if run.ranked_classes is None else run.ranked_classes[s],
                     None if run.ranked_probabilities is None else run.ranked_probabilities[s],
-                    left))
+                    left, deadline_at=job.deadline, ready_at=answered))

@@ -185,7 +185,10 @@ class ServerContext:
     async def _submit(self, batcher: Batcher, x: np.ndarray, options: PredictOptions,
                       deadline: float | None = None) -> Answer:
         try:
-            return await batcher.submit(x, options, deadline)
+            answer = await batcher.submit(x, options, deadline)
+            if deadline is not None:
+                batcher.handed_back(answer)
+            return answer
         except BatcherClosed as e:
             raise RequestError(503, f"{e}; retry on another replica or in a moment", 1) from None
         except ByotError:  # DeadlineMissed (504) among them

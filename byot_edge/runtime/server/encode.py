@@ -63,7 +63,7 @@ def predict_document(answer: Answer, class_names: list[str], k: int,
     return {"predictions": preds, "mode": r.mode,
             "latency_ms": (time.perf_counter() - t0) * 1e3, "queue_ms": float(answer.queue_ms),
             "batch_size": int(answer.batch_size), "warnings": list(r.warnings),
-            "deadline_ms": answer.deadline_ms, "deadline_left_ms": answer.deadline_left_ms}
+            "deadline_ms": answer.deadline_ms, "deadline_left_ms": answer.deadline_left_now_ms()}
 
 
 def error_parts(exc: BaseException) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

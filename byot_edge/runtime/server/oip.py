@@ -296,7 +296,7 @@ def oip_router(ctx: ServerContext) -> APIRouter:
                                      probabilities=answer.probabilities)
             deadline = (None if answer.deadline_ms is None else
                         {"deadline_ms": answer.deadline_ms,
-                         "deadline_left_ms": answer.deadline_left_ms})
+                         "deadline_left_ms": answer.deadline_left_now_ms()})
             content, headers = encode_response(name, doc, tensors, deadline)
         except RequestError as e:  # the server's own refusals (busy, too big, not ready)
             return error(e.status, e.detail, e.retry_after)

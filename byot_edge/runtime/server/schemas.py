@@ -45,7 +45,7 @@ class PredictResponse(BaseModel):
         None, description="The deadline this request was held to (its own, or the server's "
                           "--slo-ms), counted from when its body was in; null: none.")
     deadline_left_ms: float | None = Field(
-        None, description="How much of the deadline was left when the answer was ready "
+        None, description="How much of the deadline was left as the response was made "
                           "(negative: late); null without a deadline.")
 
 
