@@ -220,10 +220,32 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def tables(results: dict[str, Any]) -> str:
+    """docs/results.md's table of one run (`--tables JSON`)."""
+    d = results["deadline_ms"]
+    lines = [f"| load | server | answered within {d:.1f} ms, server's clock | the same, client's "
+             "clock | shed (503/504) | other 5xx | p50 / p99 of answers (ms) | accuracy of "
+             "answers | exit 1 alone, same images | mean exit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in results["loads"]:
+        for name in SERVERS:
+            r = results["runs"].get(name, {}).get(str(x))
+            if r is None:
+                continue
+            server = (f"{100 * r['within_deadline_server']:.1f}%"
+                      if name in ("deadline", "queue-only") else "-")
+            same = r.get("exit_accuracy_same_images", [float("nan")])[0]
+            lines.append(f"| {x:g}x | {name} | {server} | {100 * r['within_deadline']:.1f}% | "
+                         f"{100 * r['shed']:.1f}% | {100 * r['other_5xx']:.0f} | "
+                         f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {100 * r['accuracy']:.2f}% | "
+                         f"{100 * same:.2f}% | {r['mean_exit']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--manifest", type=Path, required=True)
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--manifest", type=Path)
+    ap.add_argument("--data-dir")
     ap.add_argument("--loads", default="0.5,1,2,3")
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--no-drift", action="store_true")
@@ -241,7 +263,14 @@ def main() -> None:
     ap.add_argument("--drift-seconds", type=float, default=60.0)
     ap.add_argument("--slice-seconds", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=Path("runs/deadline-load"))
+    ap.add_argument("--tables", type=Path, default=None, metavar="JSON",
+                    help="print the markdown table of a run's deadline_load.json and stop")
     args = ap.parse_args()
+    if args.tables is not None:
+        print(tables(json.loads(args.tables.read_text())))
+        return
+    if args.manifest is None or args.data_dir is None:
+        ap.error("--manifest and --data-dir are required (unless --tables)")
     args.out.mkdir(parents=True, exist_ok=True)
     in_client_cpus(args.client_cpus)
     manifest = load_manifest(args.manifest)
