@@ -60,6 +60,7 @@ FIGURES: dict[str, tuple[str, list[Getter]]] = {
     "The quickstart": ("quickstart.json", [
         _quickstart_exit(1), _quickstart_exit(2), _quickstart_exit(3), _quickstart_exit(4),
         lambda d: pct(d["cascade"]["accuracy"]),
+        lambda d: d["cascade"]["profile_latency_ratio"],
         lambda d: d["cascade"]["latency_ratio"],
         lambda d: d["cascade"]["ms_per_image"],
         lambda d: d["cascade"]["deepest_ms_per_image"],
@@ -98,6 +99,7 @@ FIGURES: dict[str, tuple[str, list[Getter]]] = {
         _tax(1, "ours/plain|1 thread"), _tax(0, "ours/own|1 thread"),
     ]),
     "Serving under load": ("deadline_load_cpu.json", [
+        lambda d: pct(d["runs"]["deadline"]["2.0"]["within_deadline_server"]),
         lambda d: pct(d["runs"]["deadline"]["2.0"]["within_deadline"]),
         lambda d: pct(d["runs"]["cascade"]["2.0"]["within_deadline"]),
         lambda d: pct(d["runs"]["deepest"]["2.0"]["within_deadline"]),
