@@ -179,7 +179,7 @@ def serve_command(
                          max_upload_mb=max_upload_mb, max_bodies_mb=max_bodies_mb,
                          max_connections=max_connections, body_timeout_s=body_timeout_s,
                          token=token, model_name=model_name, slo_ms=slo_ms,
-                         slo_busy=slo_busy, audit_rate=audit_rate)
+                         slo_busy=slo_busy, audit_rate=audit_rate, freeze_gc=True)
     if token is None and not _is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without a token: anyone who "
                           "can reach it can use it; set BYOT_EDGE_TOKEN", highlight=False)

@@ -9,6 +9,7 @@ gets the same context and calls `predict` with its own reader and decoder.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -96,6 +97,9 @@ class ServerContext:
             thread = InferenceThread("byot-audit")
             self._auditing = (asyncio.create_task(self.audit.run(batcher.idle, thread.call)),
                               thread)
+        if config.freeze_gc:
+            gc.collect()
+            gc.freeze()
         self.ready = True
         self.metrics.ready.set(1)
         log.info("model warm: %s on %s, %d exits", model.backend.name, model.backend.device,
