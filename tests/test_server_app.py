@@ -328,6 +328,32 @@ def test_not_ready_while_warming_up_and_after_a_failed_warmup(model: GatedModel,
         assert r.status_code == 503 and "warmup failed" in r.json()["detail"]
 
 
+def test_freeze_gc_freezes_what_is_alive_once_warm_and_only_then(model: GatedModel) -> None:
+    """`serve` sets freeze_gc: the objects alive after warm-up leave the collector's reach
+    (a full collection over them paused a loaded server for 35-52 ms)."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    try:
+        with serving(model, freeze_gc=False):
+            assert gc.get_freeze_count() == 0
+        with serving(model, freeze_gc=True):
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_serve_freezes_the_collector(monkeypatch: pytest.MonkeyPatch,
+                                     deployed: Deployed) -> None:
+    seen: list[ServeConfig] = []
+    monkeypatch.setattr("byot_edge.runtime.server.create_app",
+                        lambda model, config: seen.append(config) or APIRouter())
+    monkeypatch.setattr("byot_edge.cli.serve.run_uvicorn", lambda *a, **k: None)
+    result = CliRunner().invoke(cli_app, ["serve", str(deployed.manifest), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen and seen[0].freeze_gc
+
+
 def test_top_k_is_the_answering_exits_distribution(deployed: Deployed, x: np.ndarray) -> None:
     model = AnytimeModel.load(deployed.manifest, threads=1)
     with serving(model) as c:
