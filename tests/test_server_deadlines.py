@@ -241,6 +241,23 @@ def test_a_batch_is_held_to_its_tightest_request(slow: SlowModel, x: np.ndarray)
     assert responses[1].json()["deadline_left_ms"] > 0
 
 
+def test_a_late_answer_says_so_and_is_counted(slow: SlowModel, x: np.ndarray) -> None:
+    """A request admitted in time whose run then overran (here: held in the model) is
+    answered, with a negative deadline_left_ms, and counted as missed."""
+    with serving(slow) as c:
+        reqs = Requests(c)
+        slow.gate.clear()
+        reqs.post(1, x[:1], deadline_ms=100)
+        assert slow.entered.wait(30)
+        time.sleep(0.3)
+        slow.gate.set()
+        late = reqs.join()[1]
+        metrics = c.get("/metrics").text
+    assert late.status_code == 200, late.text
+    assert late.json()["deadline_left_ms"] < -150
+    assert "byot_edge_deadline_missed_total 1.0" in metrics
+
+
 def test_waiting_requests_run_earliest_deadline_first(slow: SlowModel, x: np.ndarray) -> None:
     with serving(slow, max_batch=1) as c:
         reqs = Requests(c)

@@ -322,8 +322,13 @@ class Batcher:
                 + self._handback_ms * fade)
 
     def handed_back(self, answer: Answer) -> None:
-        """The request `answer` was for has it now (the server calls this)."""
+        """The request `answer` was for has it now (the server calls this, as it makes the
+        response): a late one counts in byot_edge_deadline_missed_total, as the response's
+        own deadline_left_ms reports it."""
         now = time.perf_counter()
+        if (answer.deadline_at is not None and now > answer.deadline_at
+                and self.metrics is not None):
+            self.metrics.deadline_missed.inc()
         ms = (now - answer.ready_at) * 1e3
         fade = math.exp(-(now - self._handback_at) / SEEN_FADE_S)
         self._handback_ms = 0.8 * self._handback_ms * fade + 0.2 * ms
@@ -557,8 +562,6 @@ class Batcher:
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_ms / 1e3)
             left = None if job.deadline is None else (job.deadline - answered) * 1e3
-            if left is not None and left < 0 and self.metrics is not None:
-                self.metrics.deadline_missed.inc()
             if not job.future.done():
                 job.future.set_result(Answer(
                     result.rows(s), None if probs is None else probs[s], len(x),

@@ -43,7 +43,7 @@ class ServerMetrics:
                                 "before running, by reason (deadline: 504, the others 503)",
                                 ["reason"], registry=r)
         self.deadline_missed = Counter("byot_edge_deadline_missed", "Requests answered after "
-                                       "their deadline (the answer was ready too late)",
+                                       "their deadline (late as their response was made)",
                                        registry=r)
         self.exits = Counter("byot_edge_exits", "Samples answered, by the exit that answered",
                              ["exit"], registry=r)
