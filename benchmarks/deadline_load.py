@@ -46,6 +46,7 @@ from byot_edge.manifest import load_manifest
 from byot_edge.runtime.preprocess import normalise
 
 SERVERS = ("deepest", "cascade", "deadline", "queue-only")
+WITH_DEADLINES = ("deadline", "queue-only")  # the servers whose requests carry one
 
 
 def payloads(images: np.ndarray, manifest: Any) -> list[loadgen.Payload]:
@@ -97,8 +98,8 @@ def summarise(sent: list[loadgen.Sent], labels: np.ndarray, deadline_ms: float,
     return {
         "sent": n, "offered_rps": n / seconds, "answered": len(ok),
         "within_deadline": sum(s.latency_ms <= deadline_ms for s in ok) / n,
-        # The deadline as the API defines it: from when the server had the body to when the
-        # answer was ready (the server's deadline_left_ms); the client's view above adds
+        # The deadline as the API defines it: from when the server had the body to when its
+        # response was made (the server's deadline_left_ms); the client's view above adds
         # sending, reading and the client's own delays.
         "within_deadline_server": sum(s.deadline_left_ms is not None and s.deadline_left_ms >= 0
                                       for s in ok) / n,
@@ -200,7 +201,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[0].plot(loads, [r["p99_ms"] for r in rows], "o-", label=name)
         line = axes[1].plot(loads, [100 * r["within_deadline"] for r in rows], "o-",
                             label=name)[0]
-        if name in ("deadline", "queue-only"):  # the deadline as the API counts it
+        if name in WITH_DEADLINES:  # the deadline as the API counts it
             axes[1].plot(loads, [100 * r["within_deadline_server"] for r in rows], ":",
                          color=line.get_color(), label=f"{name}, server's clock")
         # Against exit 1 alone on the very images answered: each load sends its own draw
@@ -239,7 +240,7 @@ def tables(results: dict[str, Any]) -> str:
             if r is None:
                 continue
             server = (f"{100 * r['within_deadline_server']:.1f}%"
-                      if name in ("deadline", "queue-only") else "-")
+                      if name in WITH_DEADLINES else "-")
             same = r.get("exit_accuracy_same_images", [float("nan")])[0]
             lines.append(f"| {x:g}x | {name} | {server} | {100 * r['within_deadline']:.1f}% | "
                          f"{100 * r['shed']:.1f}% | {100 * r['other_5xx']:.0f} | "

@@ -110,10 +110,11 @@ def post(c: httpx.Client, x: np.ndarray, headers: dict[str, str] | None = None,
                   headers={"Content-Type": "application/x-npy", **(headers or {})})
 
 
-def block(model: SlowModel, reqs: Requests, x: np.ndarray) -> None:
-    """Request 0 (no deadline) enters the model and waits there; the next ones queue."""
+def block(model: SlowModel, reqs: Requests, x: np.ndarray, samples: int = 1) -> None:
+    """Request 0 (no deadline, `samples` images) enters the model and waits there; the next
+    ones queue. What its run is seen to take, the wait included, counts for its size."""
     model.gate.clear()
-    reqs.post(0, x[:1], exit=1)
+    reqs.post(0, np.concatenate([x] * samples)[:samples], exit=1)
     assert model.entered.wait(30)
 
 
@@ -175,26 +176,28 @@ class PerSampleSlowModel(SlowModel):
 PER_SAMPLE_MS = 50.0
 
 
+@pytest.fixture
+def per_sample(deployed: Deployed) -> Iterator[PerSampleSlowModel]:
+    with PerSampleSlowModel.load(deployed.manifest, threads=1) as m:
+        yield m  # type: ignore[misc]
+
+
 def test_a_batch_stops_growing_before_it_would_answer_its_earliest_request_late(
-        deployed: Deployed, x: np.ndarray) -> None:
-    with PerSampleSlowModel.load(deployed.manifest, threads=1) as model, \
-            serving(model, max_batch=8) as c:
+        per_sample: PerSampleSlowModel, x: np.ndarray) -> None:
+    model = per_sample
+    with serving(model, max_batch=8) as c:
         reqs = Requests(c)
-        # Request 0 holds the model (as block() does) with 8 samples: what a batch of 8 is
-        # seen to take (the wait included) then counts, not what smaller batches take.
-        model.gate.clear()  # type: ignore[attr-defined]
-        reqs.post(0, np.concatenate([x] * 8)[:8], exit=1)
-        assert model.entered.wait(30)  # type: ignore[attr-defined]
+        block(model, reqs, x, samples=8)  # its wait counts for a batch of 8, not smaller
         reqs.post(1, x[:1], deadline_ms=400)  # about 200 ms left when its turn comes
         time.sleep(0.05)
         for key in range(2, 9):  # ample deadlines, after request 1's
             reqs.post(key, x[:1], deadline_ms=20_000)
         time.sleep(0.15)
-        model.gate.set()  # type: ignore[attr-defined]
+        model.gate.set()
         responses = reqs.join()
     assert {r.status_code for r in responses.values()} == {200}, \
         {k: (r.status_code, r.text[-200:]) for k, r in responses.items()}
-    sizes = [n for n, _ in model.runs[1:]]  # type: ignore[attr-defined]
+    sizes = [n for n, _ in model.runs[1:]]
     # A batch of 8 would take 400 ms by the profile to its first answers; request 1 had
     # about 200: its batch stopped at what fits (3 or so), the rest ran after it.
     assert sum(sizes) == 8 and 1 <= sizes[0] <= 4, sizes
@@ -202,25 +205,23 @@ def test_a_batch_stops_growing_before_it_would_answer_its_earliest_request_late(
 
 
 def test_a_tight_request_behind_lax_ones_is_priced_by_what_runs_before_it(
-        deployed: Deployed, x: np.ndarray) -> None:
+        per_sample: PerSampleSlowModel, x: np.ndarray) -> None:
     """Earliest deadline first: a request that will run first is not refused for the
     queue behind it (8 waiting x 50 ms by the profile is 400 ms; it has 300)."""
-    with PerSampleSlowModel.load(deployed.manifest, threads=1) as model, \
-            serving(model, max_batch=8) as c:
+    model = per_sample
+    with serving(model, max_batch=8) as c:
         reqs = Requests(c)
-        model.gate.clear()  # type: ignore[attr-defined]
-        reqs.post(0, np.concatenate([x] * 8)[:8], exit=1)
-        assert model.entered.wait(30)  # type: ignore[attr-defined]
+        block(model, reqs, x, samples=8)
         for key in range(1, 8):
             reqs.post(key, x[:1], deadline_ms=20_000)
         time.sleep(0.1)
         reqs.post(8, x[:1], deadline_ms=300)
         time.sleep(0.05)
-        model.gate.set()  # type: ignore[attr-defined]
+        model.gate.set()
         responses = reqs.join()
     assert responses[8].status_code == 200, responses[8].text
     assert responses[8].json()["deadline_left_ms"] > 0
-    first = model.runs[1]  # type: ignore[attr-defined]
+    first = model.runs[1]
     assert first[1] is not None and min(first[1]) < 300  # its batch ran first
 
 

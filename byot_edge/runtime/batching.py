@@ -50,6 +50,11 @@ from byot_edge.runtime.metrics import ServerMetrics
 
 T = TypeVar("T")
 SEEN_FADE_S = 1.0  # how fast an observed slowdown fades back to the profile's figures, unseen
+
+
+def _fade(since: float, now: float) -> float:
+    """How much of what was seen at `since` still counts at `now` (1 fading to 0)."""
+    return math.exp(-(now - since) / SEEN_FADE_S)
 log = logging.getLogger("uvicorn.error.byot_edge")  # shows in uvicorn's log format
 
 
@@ -137,11 +142,14 @@ class Answer:
     # `probabilities`, ranked once per batch on the inference thread); None: unknown.
     ranked_classes: np.ndarray | None = None
     ranked_probabilities: np.ndarray | None = None
-    # With a deadline: the ms it still had when the answer was ready (negative: late)
-    deadline_left_ms: float | None = None
     deadline_ms: float | None = None  # the deadline it was given (the server sets it)
     deadline_at: float | None = None  # that deadline, perf_counter seconds
     ready_at: float = 0.0  # when the answer was ready (perf_counter seconds)
+
+    @property
+    def deadline_left_ms(self) -> float | None:
+        """With a deadline: the ms it still had when the answer was ready (negative: late)."""
+        return None if self.deadline_at is None else (self.deadline_at - self.ready_at) * 1e3
 
     def deadline_left_now_ms(self) -> float | None:
         """The ms its deadline has left now: what a response reports as it is written,
@@ -280,13 +288,15 @@ class Batcher:
                 self._arrived.set()
 
     def hopeless(self, options: PredictOptions, deadline: float, samples: int = 1,
-                 now: float | None = None) -> DeadlineMissed | None:
+                 now: float | None = None, need_ms: float | None = None
+                 ) -> DeadlineMissed | None:
         """Why a request with `deadline` (perf_counter seconds) cannot be answered in time
-        even by its first possible answer (by the profile, in a batch of `samples`), else
-        None."""
+        even by its first possible answer (by the profile, in a batch of `samples`; or
+        `need_ms`, when the caller priced that batch already), else None."""
         now = time.perf_counter() if now is None else now
         left_ms = (deadline - now) * 1e3
-        need_ms = self._first_cost_ms(min(self.max_batch, samples), options)
+        if need_ms is None:
+            need_ms = self._first_cost_ms(min(self.max_batch, samples), options)
         if left_ms > need_ms:
             return None
         what = "the first exit it could answer from" if options.exit is None else \
@@ -317,9 +327,9 @@ class Batcher:
         """What a batch of `samples` takes to its first answers: the profile's figure,
         times how much slower than that batches were here lately (never less), and the
         time answers took lately to get back to their requests."""
-        fade = math.exp(-(time.perf_counter() - self._handback_at) / SEEN_FADE_S)
-        return (self._first_answer_ms(samples, options) * max(self._slowdown_now(), 1.0)
-                + self._handback_ms * fade)
+        now = time.perf_counter()
+        return (self._first_answer_ms(samples, options) * max(self._slowdown_now(now), 1.0)
+                + self._handback_ms * _fade(self._handback_at, now))
 
     def handed_back(self, answer: Answer) -> None:
         """The request `answer` was for has it now (the server calls this, as it makes the
@@ -330,16 +340,14 @@ class Batcher:
                 and self.metrics is not None):
             self.metrics.deadline_missed.inc()
         ms = (now - answer.ready_at) * 1e3
-        fade = math.exp(-(now - self._handback_at) / SEEN_FADE_S)
-        self._handback_ms = 0.8 * self._handback_ms * fade + 0.2 * ms
+        self._handback_ms = 0.8 * self._handback_ms * _fade(self._handback_at, now) + 0.2 * ms
         self._handback_at = now
 
-    def _slowdown_now(self) -> float:
+    def _slowdown_now(self, now: float) -> float:
         """The slowdown, faded back towards 1 unless seen again: one that rose above what
         the deadlines allow (a slow spell) would otherwise refuse every request, so no
         batch would run to bring it down again."""
-        fade = math.exp(-(time.perf_counter() - self._slowdown_at) / SEEN_FADE_S)
-        return 1.0 + (self._slowdown - 1.0) * fade
+        return 1.0 + (self._slowdown - 1.0) * _fade(self._slowdown_at, now)
 
     def _observe_first(self, samples: int, options: PredictOptions, result: CascadeResult,
                        seconds: float) -> None:
@@ -353,8 +361,9 @@ class Batcher:
         ms = seconds * 1e3
         if result.step_ms:
             ms -= result.step_ms[-1][1] - result.step_ms[0][1]
-        self._slowdown = 0.8 * self._slowdown_now() + 0.2 * ms / profiled
-        self._slowdown_at = time.perf_counter()
+        now = time.perf_counter()
+        self._slowdown = 0.8 * self._slowdown_now(now) + 0.2 * ms / profiled
+        self._slowdown_at = now
 
     async def submit(self, x: np.ndarray, options: PredictOptions,
                      deadline: float | None = None) -> Answer:
@@ -446,8 +455,11 @@ class Batcher:
         tightest = math.inf  # the earliest deadline in the batch so far
         while self._pending and samples + len(self._pending[0][2].x) <= self.max_batch:
             head = self._pending[0][2]
-            if tightest < math.inf and (tightest - now) * 1e3 < self._first_cost_ms(
-                    samples + len(head.x), head.options):
+            # What the batch would take to its first answers with `head` in it: priced once,
+            # for the batch's earliest request and for head's own deadline.
+            need = (None if tightest == math.inf and head.deadline is None else
+                    self._first_cost_ms(samples + len(head.x), head.options))
+            if need is not None and (tightest - now) * 1e3 < need:
                 break  # a larger batch would answer its earliest request late: next batch
             job = heapq.heappop(self._pending)[2]
             self._samples -= len(job.x)
@@ -455,7 +467,7 @@ class Batcher:
             if job.future.done():  # its client went away
                 continue
             if job.deadline is not None and (missed := self.hopeless(
-                    job.options, job.deadline, samples + len(job.x), now)):
+                    job.options, job.deadline, now=now, need_ms=need)):
                 self._missed()  # too late already: answered now, not after a run
                 job.future.set_exception(missed)
                 continue
@@ -561,11 +573,10 @@ class Batcher:
             queue_ms = (started - job.submitted) * 1e3
             if self.metrics is not None:
                 self.metrics.queue_seconds.observe(queue_ms / 1e3)
-            left = None if job.deadline is None else (job.deadline - answered) * 1e3
             if not job.future.done():
                 job.future.set_result(Answer(
                     result.rows(s), None if probs is None else probs[s], len(x),
                     len(group), queue_ms,
                     None if run.ranked_classes is None else run.ranked_classes[s],
                     None if run.ranked_probabilities is None else run.ranked_probabilities[s],
-                    left, deadline_at=job.deadline, ready_at=answered))
+                    deadline_at=job.deadline, ready_at=answered))

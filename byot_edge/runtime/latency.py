@@ -164,7 +164,7 @@ def _between(low: Latencies, high: Latencies, weight: float) -> Latencies:
     def mix_all(a: list[float] | None, b: list[float] | None) -> list[float] | None:
         if a is None or b is None or len(a) != len(b):
             return b if b is not None else a
-        return [a_ + weight * (b_ - a_) for a_, b_ in zip(a, b, strict=True)]
+        return [mix(a_, b_) for a_, b_ in zip(a, b, strict=True)]  # type: ignore[misc]
 
     truncated = [mix(a, b) for a, b in zip(low.truncated, high.truncated, strict=True)]
     return Latencies(
