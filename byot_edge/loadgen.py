@@ -276,8 +276,9 @@ async def _open_loop(url: str, rate_rps: float, seconds: float, payloads: list[P
 
     tasks = []
     for i, at in enumerate(due):
-        wait = at - (time.perf_counter() - t0)
-        if wait > 0:
+        # Until it is due, never before: uvloop's timers round to the millisecond and can
+        # wake early, and a request sent early would count less than its latency.
+        while (wait := at - (time.perf_counter() - t0)) > 0:
             await asyncio.sleep(wait)
         tasks.append(asyncio.create_task(one(i, float(at))))
     await asyncio.gather(*tasks)

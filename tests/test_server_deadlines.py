@@ -551,3 +551,4 @@ def test_the_open_loop_client_sends_on_schedule_and_records_each_answer(
     assert due[0] >= 0 and due[-1] < 1.0
     assert all(s.latency_ms > 0 and len(s.exits) == 1 and 0 <= s.payload < len(x)
                for s in sent)
+    assert all(s.send_lag_ms is not None and s.send_lag_ms >= 0 for s in sent)  # never early
